@@ -1,0 +1,125 @@
+"""The BirdNET classifier cut in two: a backbone whose output is the embedding,
+and the linear head that turns embeddings into logits.
+
+LiteRT's default XNNPACK delegate makes intermediate tensors unreadable, and
+turning the delegate off costs about 40 % speed. So the flatbuffer is
+rewritten: the final FULLY_CONNECTED operator is removed and its input, the
+embedding, becomes the graph's output. The head's weights and bias are read
+from the same flatbuffer, so ``logits = embedding @ W.T + b`` reproduces the
+full model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from dawnchorus.models.runtime import make_interpreter
+
+_LOGGER = logging.getLogger(__name__)
+
+_FULLY_CONNECTED = 9  # BuiltinOperator.FULLY_CONNECTED in the TFLite schema
+_FLOAT32 = 0  # TensorType.FLOAT32
+
+
+class ModelLayoutError(ValueError):
+    """The TFLite file does not end in a float32 FULLY_CONNECTED classifier layer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitModel:
+    """A classifier split at its last layer.
+
+    Attributes:
+        backbone: TFLite flatbuffer, input [batch, samples] float32, output
+            [batch, embedding_dim] float32.
+        weights: [classes, embedding_dim] float32, the head's kernel.
+        bias: [classes] float32.
+        embedding_tensor: index of the embedding tensor in the original model.
+    """
+
+    backbone: bytes
+    weights: np.ndarray
+    bias: np.ndarray
+    embedding_tensor: int
+
+
+def _buffer_array(model, tensor_index: int) -> np.ndarray:
+    subgraph = model.subgraphs[0]
+    tensor = subgraph.tensors[tensor_index]
+    if tensor.type != _FLOAT32:
+        raise ModelLayoutError(
+            f"tensor {tensor_index} ({tensor.name!r}) has TFLite type {tensor.type}, expected "
+            "float32: use a float32 model, not a quantised one"
+        )
+    data = model.buffers[tensor.buffer].data
+    if data is None or len(data) == 0:
+        raise ModelLayoutError(f"tensor {tensor_index} ({tensor.name!r}) has no constant data")
+    return np.frombuffer(bytes(data), dtype=np.float32).reshape(tuple(tensor.shape)).copy()
+
+
+def split_model(model_bytes: bytes) -> SplitModel:
+    """Cut a single-output TFLite classifier before its final FULLY_CONNECTED layer."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model_bytes, 0))
+    subgraph = model.subgraphs[0]
+    if len(subgraph.outputs) != 1:
+        raise ModelLayoutError(f"model has {len(subgraph.outputs)} outputs, expected 1")
+
+    output = int(subgraph.outputs[0])
+    producers = [op for op in subgraph.operators if output in list(op.outputs)]
+    last = producers[0] if producers else None
+    if last is None or model.operatorCodes[last.opcodeIndex].builtinCode != _FULLY_CONNECTED:
+        raise ModelLayoutError("the model's output is not produced by a FULLY_CONNECTED operator")
+    if len(last.inputs) < 3 or last.inputs[2] < 0:
+        raise ModelLayoutError("the final FULLY_CONNECTED operator has no bias")
+
+    embedding_tensor, weights_tensor, bias_tensor = (int(i) for i in last.inputs[:3])
+    weights = _buffer_array(model, weights_tensor)
+    bias = _buffer_array(model, bias_tensor)
+
+    # Drop the last operator and its now unused constants, and make the
+    # embedding the output. Signature defs name the old output, so they go too.
+    subgraph.operators = [op for op in subgraph.operators if op is not last]
+    subgraph.outputs = [embedding_tensor]
+    for index in (weights_tensor, bias_tensor):
+        model.buffers[subgraph.tensors[index].buffer].data = None
+    model.signatureDefs = []
+
+    builder = flatbuffers.Builder(len(model_bytes))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return SplitModel(bytes(builder.Output()), weights, bias, embedding_tensor)
+
+
+class Backbone:
+    """Embeds 3 s windows of 48 kHz audio on LiteRT.
+
+    Not thread-safe, like the interpreter it wraps: one thread calls ``embed``.
+    """
+
+    def __init__(self, backbone: bytes, num_threads: int | None = None):
+        self._interpreter = make_interpreter(model_content=backbone, num_threads=num_threads)
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._batch = 1
+        self.window_samples = int(self._interpreter.get_input_details()[0]["shape"][-1])
+        self.embedding_dim = int(self._interpreter.get_output_details()[0]["shape"][-1])
+
+    def embed(self, windows: np.ndarray) -> np.ndarray:
+        """Return embeddings [windows, dim] float32 for windows [windows, samples] float32."""
+        windows = np.ascontiguousarray(windows, dtype=np.float32)
+        if windows.ndim != 2 or windows.shape[1] != self.window_samples:
+            raise ValueError(
+                f"expected windows of shape [n, {self.window_samples}], got {windows.shape}"
+            )
+        if windows.shape[0] != self._batch:
+            self._interpreter.resize_tensor_input(self._input, [windows.shape[0], self.window_samples])
+            self._interpreter.allocate_tensors()
+            self._batch = windows.shape[0]
+        self._interpreter.set_tensor(self._input, windows)
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._output).copy()
