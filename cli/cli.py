@@ -1,1 +1,314 @@
-def main(): print("ok")
+"""The ``dawnchorus`` command: demo, edge run, server run, analyze."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import signal
+import sys
+import threading
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def broker_address(text: str) -> tuple[str, int]:
+    """Parse HOST:PORT (PORT defaults to 1883)."""
+    host, _, port = text.rpartition(":") if ":" in text else (text, "", "1883")
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid broker {text!r}: expected HOST:PORT, e.g. 127.0.0.1:1883")
+    if not host or not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"invalid broker {text!r}: expected HOST:PORT, e.g. 127.0.0.1:1883")
+    return host, number
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
+    return value
+
+
+def sensitivity(text: str) -> float:
+    value = float(text)
+    if not 0.5 <= value <= 1.5:
+        raise argparse.ArgumentTypeError(f"sensitivity {value} is not in [0.5, 1.5] (BirdNET's range)")
+    return value
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("amqtt", "transitions", "tensorflow", "absl", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def quiet_tensorflow() -> None:
+    """Keep TensorFlow's C++ start-up chatter out of the terminal."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def add_species_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("site species lists")
+    group.add_argument(
+        "--site-species", action="append", default=[], metavar="SITE=LAT,LON[,WEEK]|SITE=@FILE",
+        help="species list of a site: from BirdNET's range model at a latitude, longitude and week "
+             "(1-48, default -1: whole year), or from a file of labels; repeat per site",
+    )
+    group.add_argument(
+        "--default-species", metavar="LAT,LON[,WEEK]|@FILE|all", default="all",
+        help="species list of sites not named with --site-species (default: all model classes)",
+    )
+    group.add_argument("--range-threshold", type=float, default=None,
+                       help="range model occurrence threshold (default 0.03, as BirdNET)")
+
+
+def adaptation_arguments(parser: argparse.ArgumentParser, defaults) -> None:
+    group = parser.add_argument_group("streaming NOTELA")
+    group.add_argument("--buffer", type=int, default=defaults.buffer_capacity,
+                       help="embeddings kept per site (default %(default)s)")
+    group.add_argument("--update-interval", type=int, default=defaults.update_interval,
+                       help="new embeddings between adaptation rounds (default %(default)s)")
+    group.add_argument("--min-buffer", type=int, default=defaults.min_buffer,
+                       help="embeddings a site needs before its first round (default %(default)s)")
+    group.add_argument("--steps", type=int, default=defaults.steps,
+                       help="student steps per round (default %(default)s)")
+    group.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+                       help="student Adam learning rate (default %(default)s)")
+    group.add_argument("--precision", choices=("fp16", "fp32"), default=defaults.precision,
+                       help="precision of pushed heads (default %(default)s)")
+
+
+def adaptation_from_args(args: argparse.Namespace):
+    from dawnchorus.server.adaptation import AdaptationConfig
+
+    return AdaptationConfig(
+        buffer_capacity=args.buffer, update_interval=args.update_interval,
+        min_buffer=min(args.min_buffer, args.buffer), steps=args.steps,
+        learning_rate=args.learning_rate, precision=args.precision,
+    )
+
+
+def _run_until_signal(stop) -> None:
+    """Block until SIGINT or SIGTERM, then call ``stop``."""
+    done = threading.Event()
+
+    def handle(signum, frame):
+        _LOGGER.info("received signal %d, stopping", signum)
+        done.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    while not done.wait(0.5):
+        pass
+    stop()
+
+
+# Subcommands -------------------------------------------------------------------
+
+
+def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from dawnchorus.edge.recorder import RecorderConfig
+
+    parser.add_argument("--device", required=True, help="recorder id, unique in the fleet")
+    parser.add_argument("--site", required=True, help="site id; recorders of a site share one head")
+    parser.add_argument("--broker", type=broker_address, default=("127.0.0.1", 1883), metavar="HOST:PORT",
+                        help="MQTT broker (default 127.0.0.1:1883)")
+    parser.add_argument("--input", nargs="+", type=pathlib.Path, default=[], metavar="PATH",
+                        help="replay these files or folders instead of capturing from a microphone")
+    parser.add_argument("--speed", type=float, default=1.0,
+                        help="replay speed for --input: 1 is real time, 0 as fast as possible (default 1)")
+    parser.add_argument("--stay", action="store_true",
+                        help="after replaying --input, keep running to receive heads until stopped")
+    parser.add_argument("--mic-device", default=None, help="sounddevice input device index or name")
+    parser.add_argument("--mic-samplerate", type=int, default=48_000, help="capture sample rate in Hz")
+    parser.add_argument("--mic-channels", type=int, default=1, help="channels to capture (averaged)")
+    parser.add_argument("--overlap", type=float, default=0.0, help="window overlap in seconds, 0 to <3")
+    parser.add_argument("--min-conf", type=probability, default=RecorderConfig.min_conf,
+                        help="detection threshold (default %(default)s)")
+    parser.add_argument("--sensitivity", type=sensitivity, default=1.0, help="sigmoid sensitivity 0.5-1.5")
+    parser.add_argument("--species-file", type=pathlib.Path, default=None,
+                        help="labels of the source head before the first pushed head (default: all)")
+    parser.add_argument("--state-dir", type=pathlib.Path, default=pathlib.Path("state/edge"),
+                        help="sequence numbers, reference batch and head store (default %(default)s)")
+    parser.add_argument("--model", type=pathlib.Path, default=None, help="another TFLite classifier")
+    parser.add_argument("--labels", type=pathlib.Path, default=None, help="labels of --model")
+    parser.add_argument("--threads", type=int, default=None, help="LiteRT threads (default: cores, max 4)")
+
+
+def run_edge(args: argparse.Namespace) -> int:
+    from dawnchorus.edge.audio import FileSource, MicrophoneSource
+    from dawnchorus.edge.recorder import Recorder, RecorderConfig
+    from dawnchorus.models.backbone import Backbone, load_source_model
+    from dawnchorus.models.species import species_from_file
+
+    config = RecorderConfig(
+        device=args.device, site=args.site, broker_host=args.broker[0], broker_port=args.broker[1],
+        state_dir=args.state_dir, min_conf=args.min_conf, sensitivity=args.sensitivity,
+    )
+    model = load_source_model(args.model, args.labels)
+    head = model.head
+    if args.species_file is not None:
+        head = head.select(species_from_file(args.species_file, head.labels))
+
+    if args.input:
+        source = FileSource(args.input, overlap_s=args.overlap, speed=args.speed or None)
+    else:
+        device = int(args.mic_device) if args.mic_device and args.mic_device.isdigit() else args.mic_device
+        source = MicrophoneSource(device=device, samplerate=args.mic_samplerate,
+                                  channels=args.mic_channels, overlap_s=args.overlap)
+
+    recorder = Recorder(config, Backbone(model.backbone, num_threads=args.threads), head, source)
+    runner = threading.Thread(target=recorder.run, kwargs={"stay_after_source": args.stay or not args.input},
+                              name="recorder", daemon=True)
+    runner.start()
+
+    def stop():
+        recorder.stop()
+        if isinstance(source, MicrophoneSource):
+            source.close()
+
+    done = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    while runner.is_alive() and not done.wait(0.5):
+        pass
+    stop()
+    runner.join(timeout=30)
+    return 0
+
+
+def add_server_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from dawnchorus.server.adaptation import AdaptationConfig
+
+    parser.add_argument("--broker", type=broker_address, default=("127.0.0.1", 1883), metavar="HOST:PORT",
+                        help="MQTT broker (default 127.0.0.1:1883)")
+    parser.add_argument("--state-dir", type=pathlib.Path, default=pathlib.Path("state/server"),
+                        help="head registry, acks and detection log (default %(default)s)")
+    parser.add_argument("--shard", default="1/1", metavar="INDEX/COUNT",
+                        help="own only the sites that hash to this shard, e.g. 2/4 (default 1/1: all)")
+    parser.add_argument("--model", type=pathlib.Path, default=None, help="another TFLite classifier")
+    parser.add_argument("--labels", type=pathlib.Path, default=None, help="labels of --model")
+    add_species_arguments(parser)
+    adaptation_arguments(parser, AdaptationConfig())
+
+
+def species_resolver(args: argparse.Namespace, labels: list[str], range_model: pathlib.Path | None):
+    """Build the function that gives each site its species list from the command line."""
+    from dawnchorus.models.species import (DEFAULT_RANGE_THRESHOLD, Location, species_from_file,
+                                           species_from_range_model)
+
+    threshold = DEFAULT_RANGE_THRESHOLD if args.range_threshold is None else args.range_threshold
+
+    def resolve(spec: str) -> list[str]:
+        if spec == "all":
+            return list(labels)
+        if spec.startswith("@"):
+            return species_from_file(pathlib.Path(spec[1:]), labels)
+        parts = spec.split(",")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"invalid species spec {spec!r}: expected LAT,LON[,WEEK], @FILE or all")
+        if range_model is None:
+            raise ValueError("a location needs BirdNET's range model, which a custom --model lacks; use @FILE")
+        location = Location(float(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else -1)
+        return species_from_range_model(range_model, labels, location, threshold)
+
+    per_site: dict[str, str] = {}
+    for entry in args.site_species:
+        site, _, spec = entry.partition("=")
+        if not site or not spec:
+            raise ValueError(f"invalid --site-species {entry!r}: expected SITE=LAT,LON[,WEEK] or SITE=@FILE")
+        per_site[site] = spec
+    # Parse every spec once now, so that a typo fails at start-up, not at the first embedding.
+    resolved = {site: resolve(spec) for site, spec in per_site.items()}
+    default = resolve(args.default_species)
+
+    def species_for_site(site: str) -> list[str]:
+        return resolved.get(site, default)
+
+    return species_for_site
+
+
+def start_station(args: argparse.Namespace, state_dir: pathlib.Path, broker: tuple[str, int], on_detection=None):
+    from dawnchorus.models import birdnet
+    from dawnchorus.models.backbone import load_source_model
+    from dawnchorus.server.station import BaseStation, Shard, StationConfig
+
+    quiet_tensorflow()
+    model = load_source_model(args.model, args.labels)
+    range_model = None if args.model else birdnet.locate_birdnet_files().range_model
+    species_for_site = species_resolver(args, model.head.labels, range_model)
+    shard = Shard.parse(getattr(args, "shard", "1/1"))
+    config = StationConfig(
+        broker_host=broker[0], broker_port=broker[1], state_dir=state_dir, shard=shard,
+        adaptation=adaptation_from_args(args), client_id=f"dawnchorus-base-station-{shard.index}-of-{shard.count}",
+    )
+    station = BaseStation(config, model.head, species_for_site, on_detection)
+    station.start()
+    return station
+
+
+def run_server(args: argparse.Namespace) -> int:
+    station = start_station(args, args.state_dir, args.broker)
+    _run_until_signal(station.stop)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dawnchorus import __version__
+    from dawnchorus.demo import add_demo_arguments
+    from dawnchorus.edge import analyze
+
+    parser = argparse.ArgumentParser(
+        prog="dawnchorus",
+        description="Always-on bird acoustic monitoring that adapts BirdNET to each site.",
+    )
+    parser.add_argument("--version", action="version", version=f"dawnchorus {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="run broker, base station and recorders on recordings")
+    add_demo_arguments(demo)
+
+    edge = commands.add_parser("edge", help="recorder unit").add_subparsers(dest="edge_command", required=True)
+    add_edge_run_arguments(edge.add_parser("run", help="run a recorder unit"))
+
+    server = commands.add_parser("server", help="base station").add_subparsers(dest="server_command", required=True)
+    add_server_run_arguments(server.add_parser("run", help="run a base station"))
+
+    analyze_parser = commands.add_parser("analyze", help="analyze files offline, write BirdNET-style CSV")
+    analyze.add_arguments(analyze_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        if args.command == "demo":
+            from dawnchorus.demo import run_demo
+            return run_demo(args)
+        if args.command == "edge":
+            return run_edge(args)
+        if args.command == "server":
+            return run_server(args)
+        if args.command == "analyze":
+            from dawnchorus.edge import analyze
+            return analyze.run(args)
+    except (ValueError, OSError) as error:
+        _LOGGER.error("%s", error)
+        return 2
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 
 import numpy as np
 
@@ -123,3 +124,33 @@ class Backbone:
         self._interpreter.set_tensor(self._input, windows)
         self._interpreter.invoke()
         return self._interpreter.get_tensor(self._output).copy()
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceModel:
+    """The source classifier ready to run: backbone bytes and the full linear head."""
+
+    backbone: bytes
+    head: "LinearHead"
+
+
+def load_source_model(model_path: pathlib.Path | None = None, labels_path: pathlib.Path | None = None) -> SourceModel:
+    """Load BirdNET V2.4 (or another TFLite classifier and its labels) and split it.
+
+    Without arguments the BirdNET files are located or fetched (see ``models.birdnet``).
+    """
+    from dawnchorus.models import birdnet
+    from dawnchorus.models.head import LinearHead
+
+    if (model_path is None) != (labels_path is None):
+        raise ValueError("give both a model file and its labels file, or neither for BirdNET V2.4")
+    if model_path is None:
+        files = birdnet.locate_birdnet_files()
+        model_path, labels_path = files.model, files.labels
+    split = split_model(pathlib.Path(model_path).read_bytes())
+    labels = birdnet.read_labels(pathlib.Path(labels_path))
+    if len(labels) != split.weights.shape[0]:
+        raise ModelLayoutError(
+            f"{labels_path} has {len(labels)} labels but {model_path} has {split.weights.shape[0]} classes"
+        )
+    return SourceModel(split.backbone, LinearHead(labels, split.weights, split.bias, version=0))

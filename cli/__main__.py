@@ -1,0 +1,5 @@
+import sys
+
+from dawnchorus.cli import main
+
+sys.exit(main())

@@ -1,0 +1,337 @@
+"""The recorder unit: audio in, embeddings and detections out over MQTT, heads in.
+
+One thread runs the audio source and the inference pipeline and publishes
+what it produces; paho's network thread receives manifests and blobs,
+verifies them and hands a verified head to the pipeline, which swaps it in
+between batches. The recorder acknowledges a version once windows are being
+scored with it (or at once when it is idle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import threading
+import time
+from typing import Iterable
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from dawnchorus.edge.audio import Window
+from dawnchorus.edge.ota import HeadRejected, HeadStore, verify_head
+from dawnchorus.edge.pipeline import InferencePipeline, ScoredBatch
+from dawnchorus.models.backbone import Backbone
+from dawnchorus.models.head import HeadRunner, LinearHead, sigmoid
+from dawnchorus.protocol import topics
+from dawnchorus.protocol.embeddings import EmbeddingBatch, PayloadError, encode_embeddings
+from dawnchorus.protocol.messages import Ack, Detection, Manifest, Status, encode_detections
+
+_LOGGER = logging.getLogger(__name__)
+
+# Windows kept as the reference batch on which every pushed head must give
+# finite scores of the right shape before it is swapped in.
+REFERENCE_WINDOWS = 32
+
+
+@dataclasses.dataclass
+class RecorderConfig:
+    """Settings of one recorder unit.
+
+    Attributes:
+        device: recorder id, unique in the fleet.
+        site: site id; recorders of a site share one adapted head.
+        broker_host, broker_port: the MQTT broker.
+        state_dir: sequence counter, reference batch and head store live here.
+        min_conf: detection threshold on sigmoid scores, 0 to 1.
+        sensitivity: BirdNET sigmoid sensitivity, 0.5 to 1.5.
+        windows_per_message: embeddings per MQTT message; a partial message is
+            sent when the source pauses or ends.
+        status_interval_s: seconds between retained status updates.
+        keepalive_s: MQTT keepalive; the broker publishes the last will after 1.5 times this.
+    """
+
+    device: str
+    site: str
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    state_dir: pathlib.Path = pathlib.Path("state")
+    min_conf: float = 0.7
+    sensitivity: float = 1.0
+    windows_per_message: int = 16
+    status_interval_s: float = 30.0
+    keepalive_s: int = 30
+
+    def __post_init__(self):
+        topics.validate_id(self.device, "device id")
+        topics.validate_id(self.site, "site id")
+        if not 0.0 < self.min_conf <= 1.0:
+            raise ValueError(f"min_conf {self.min_conf} must be in (0, 1]")
+        if not 0.5 <= self.sensitivity <= 1.5:
+            raise ValueError(f"sensitivity {self.sensitivity} must be in [0.5, 1.5], as in BirdNET")
+        if not 1 <= self.windows_per_message <= 256:
+            raise ValueError(f"windows_per_message {self.windows_per_message} must be 1 to 256")
+        self.state_dir = pathlib.Path(self.state_dir)
+
+
+class _SequenceCounter:
+    """Per-device sequence numbers that never repeat, even across restarts.
+
+    The next free number is written to disk before a message uses it, so a
+    crash can skip numbers but never reuse one (the base station deduplicates
+    by device and sequence number, so a reused number would lose data).
+    """
+
+    def __init__(self, path: pathlib.Path):
+        self._path = path
+        self._next = int(path.read_text()) if path.exists() else 0
+
+    def take(self, count: int) -> np.ndarray:
+        first = self._next
+        self._next += count
+        partial = self._path.with_name(self._path.name + ".partial")
+        partial.write_text(str(self._next))
+        os.replace(partial, self._path)
+        return np.arange(first, first + count, dtype=np.uint64)
+
+
+class Recorder:
+    """Runs one recorder unit until its source ends (or for ever, for a microphone)."""
+
+    def __init__(
+        self,
+        config: RecorderConfig,
+        backbone: Backbone,
+        source_head: LinearHead,
+        source: Iterable[Window],
+        batch_size: int = 1,
+    ):
+        self.config = config
+        self._source = source
+        self._state_dir = config.state_dir / config.device
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        self._sequence = _SequenceCounter(self._state_dir / "next_sequence")
+        self._reference_path = self._state_dir / "reference.npy"
+        self._reference = np.load(self._reference_path) if self._reference_path.exists() else None
+        self._store = HeadStore(self._state_dir / "heads")
+
+        installed = self._store.load_last_good(config.site)
+        head: HeadRunner = installed.runner if installed is not None else source_head
+        self.manifest: Manifest | None = installed.manifest if installed is not None else None
+        self.pipeline = InferencePipeline(backbone, head, batch_size=batch_size)
+
+        self.counters = {"windows": 0, "messages": 0, "detections": 0, "heads_rejected": 0, "heads_applied": 0}
+        self.finished = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._pending_manifest: Manifest | None = None
+        self._acked_version = -1
+        self._last_status = 0.0
+        self._unsent: list[tuple[Window, np.ndarray, int]] = []
+
+        self._client = self._make_client()
+
+    # MQTT -----------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"dawnchorus-recorder-{self.config.device}",
+            clean_session=True,
+        )
+        offline = Status(self.config.device, self.config.site, "offline", self.head_version, time=time.time())
+        client.will_set(self._topic("status"), offline.encode(), qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=60)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.message_callback_add(topics.manifest_topic(self.config.site), self._on_manifest)
+        client.message_callback_add(f"{topics.ROOT}/{self.config.site}/{topics.MODEL_SEGMENT}/blob/+", self._on_blob)
+        return client
+
+    def _topic(self, kind: str) -> str:
+        return topics.device_topic(self.config.site, self.config.device, kind)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            _LOGGER.error("recorder %s: broker refused the connection: %s", self.config.device, reason_code)
+            return
+        _LOGGER.info("recorder %s (site %s) connected to %s:%d", self.config.device, self.config.site,
+                     self.config.broker_host, self.config.broker_port)
+        client.subscribe(topics.manifest_topic(self.config.site), qos=1)
+        self._publish_status("online")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if not self._stop.is_set():
+            _LOGGER.warning("recorder %s disconnected (%s); paho reconnects with backoff",
+                            self.config.device, reason_code)
+
+    def _on_manifest(self, client, userdata, message) -> None:
+        try:
+            manifest = Manifest.decode(message.payload)
+        except PayloadError as error:
+            self.counters["heads_rejected"] += 1
+            _LOGGER.error("recorder %s: rejected manifest on %s: %s", self.config.device, message.topic, error)
+            return
+        with self._lock:
+            running = self.head_version
+            pending = self._pending_manifest.version if self._pending_manifest else 0
+            if manifest.version <= max(running, pending):
+                _LOGGER.debug("recorder %s: manifest v%d is not newer than v%d", self.config.device,
+                              manifest.version, max(running, pending))
+                return
+            self._pending_manifest = manifest
+        _LOGGER.info("recorder %s: head v%d announced for site %s, fetching %s", self.config.device,
+                     manifest.version, manifest.site, manifest.blob_topic)
+        client.subscribe(manifest.blob_topic, qos=1)
+
+    def _on_blob(self, client, userdata, message) -> None:
+        with self._lock:
+            manifest = self._pending_manifest
+        if manifest is None or message.topic != manifest.blob_topic:
+            return
+        client.unsubscribe(message.topic)
+        if not message.payload:
+            return  # a cleared retained blob
+        with self._lock:
+            reference = None if self._reference is None else self._reference.copy()
+        try:
+            runner = verify_head(manifest, bytes(message.payload), self.config.site, self.head_version, reference)
+            self._store.install(manifest, bytes(message.payload))
+        except (HeadRejected, OSError) as error:
+            with self._lock:
+                self._pending_manifest = None
+            self.counters["heads_rejected"] += 1
+            _LOGGER.error("recorder %s: rejected head v%d of site %s: %s; keeps running v%d",
+                          self.config.device, manifest.version, manifest.site, error, self.head_version)
+            self._publish(self._topic("ack"), Ack(self.config.device, self.config.site, manifest.version,
+                                                  False, str(error), time.time()).encode())
+            return
+        with self._lock:
+            self._pending_manifest = None
+        _LOGGER.info("recorder %s: head v%d verified (sha256 %s...), swapping in between windows",
+                     self.config.device, manifest.version, manifest.sha256[:12])
+        self.pipeline.swap_head(runner)
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            _LOGGER.error("recorder %s: publish to %s failed: %s", self.config.device, topic,
+                          mqtt.error_string(info.rc))
+
+    def _publish_status(self, state: str = "online") -> None:
+        self._last_status = time.monotonic()
+        status = Status(self.config.device, self.config.site, state, self.head_version,
+                        self.counters["windows"], time.time(), dict(self.counters))
+        self._publish(self._topic("status"), status.encode(), retain=True)
+
+    # Inference ------------------------------------------------------------
+
+    @property
+    def head_version(self) -> int:
+        return int(self.pipeline.head.version)
+
+    def _acknowledge_if_swapped(self) -> None:
+        version = self.head_version
+        if version == self._acked_version:
+            return
+        self._acked_version = version
+        if version == 0:
+            return
+        self.counters["heads_applied"] += 1
+        _LOGGER.info("recorder %s: now running head v%d", self.config.device, version)
+        self._publish(self._topic("ack"), Ack(self.config.device, self.config.site, version, True,
+                                              "", time.time()).encode())
+        self._publish_status()
+
+    def _handle_batch(self, batch: ScoredBatch) -> None:
+        version = int(batch.head.version)
+        scores = sigmoid(batch.logits, self.config.sensitivity)
+        sequence = self._sequence.take(len(batch.windows))
+
+        detections = []
+        for row, (window, seq) in enumerate(zip(batch.windows, sequence)):
+            for column in np.flatnonzero(scores[row] >= self.config.min_conf):
+                detections.append(Detection(
+                    self.config.device, self.config.site, int(seq), window.start_time,
+                    window.start_time + 3.0, batch.head.labels[column], round(float(scores[row, column]), 4),
+                    version,
+                ))
+        if detections:
+            self.counters["detections"] += len(detections)
+            self._publish(self._topic("detections"), encode_detections(detections))
+
+        for window, embedding, seq in zip(batch.windows, batch.embeddings, sequence):
+            self._unsent.append((window, embedding, int(seq)))
+        if len(self._unsent) >= self.config.windows_per_message:
+            self._flush_embeddings(version)
+
+        with self._lock:
+            self._reference = np.concatenate(
+                [batch.embeddings, self._reference] if self._reference is not None else [batch.embeddings]
+            )[:REFERENCE_WINDOWS]
+        self.counters["windows"] += len(batch.windows)
+
+    def _flush_embeddings(self, version: int) -> None:
+        while self._unsent:
+            chunk = self._unsent[:self.config.windows_per_message]
+            del self._unsent[:self.config.windows_per_message]
+            message = EmbeddingBatch(
+                device=self.config.device,
+                site=self.config.site,
+                head_version=version,
+                sequence=np.array([seq for _, _, seq in chunk], dtype=np.uint64),
+                start_time=np.array([window.start_time for window, _, _ in chunk]),
+                embeddings=np.stack([embedding for _, embedding, _ in chunk]),
+            )
+            self._publish(self._topic("embeddings"), encode_embeddings(message))
+            self.counters["messages"] += 1
+
+    def _save_reference(self) -> None:
+        with self._lock:
+            if self._reference is None:
+                return
+            reference = self._reference.copy()
+        partial = self._reference_path.with_name("reference.partial.npy")
+        np.save(partial, reference)
+        os.replace(partial, self._reference_path)
+
+    # Lifecycle ------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask ``run`` to return after the current batch."""
+        self._stop.set()
+
+    def run(self, stay_after_source: bool = False) -> None:
+        """Stream the source; with ``stay_after_source``, keep applying heads until ``stop``."""
+        config = self.config
+        _LOGGER.info("recorder %s starting: site %s, head v%d, broker %s:%d", config.device, config.site,
+                     self.head_version, config.broker_host, config.broker_port)
+        self._client.connect_async(config.broker_host, config.broker_port, keepalive=config.keepalive_s)
+        self._client.loop_start()
+        try:
+            for batch in self.pipeline.run(self._source):
+                self._handle_batch(batch)
+                self._acknowledge_if_swapped()
+                if time.monotonic() - self._last_status > config.status_interval_s:
+                    self._publish_status()
+                if self._stop.is_set():
+                    break
+            self._flush_embeddings(self.head_version)
+            self._save_reference()
+            self.finished.set()
+            self._publish_status()
+            _LOGGER.info("recorder %s: source finished after %d windows", config.device, self.counters["windows"])
+
+            while stay_after_source and not self._stop.wait(0.2):
+                self.pipeline.apply_pending_head()
+                self._acknowledge_if_swapped()
+                if time.monotonic() - self._last_status > config.status_interval_s:
+                    self._publish_status()
+        finally:
+            self._publish_status("offline")
+            time.sleep(0.2)
+            self._client.disconnect()
+            self._client.loop_stop()
+            _LOGGER.info("recorder %s stopped", config.device)

@@ -1,0 +1,303 @@
+"""JSON messages: detections, recorder status, head acknowledgements and head manifests.
+
+Every decoder raises PayloadError with the field at fault, so that a receiver
+can log and count a rejected message and carry on.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+
+from dawnchorus.protocol.embeddings import PayloadError
+from dawnchorus.protocol.topics import TopicError, validate_id
+
+# A manifest carries its class list and a small probe; 4 MiB leaves room for
+# all 6522 BirdNET classes while stopping a runaway payload before json.loads.
+MAX_JSON_BYTES = 4 * 1024 * 1024
+
+
+def _load_object(payload: bytes, what: str) -> dict[str, Any]:
+    if len(payload) > MAX_JSON_BYTES:
+        raise PayloadError(f"{what} of {len(payload)} bytes exceeds the {MAX_JSON_BYTES}-byte limit")
+    try:
+        value = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PayloadError(f"{what} is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise PayloadError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if name not in obj:
+        raise PayloadError(f"{what} is missing field {name!r}")
+    value = obj[name]
+    # bool is an int in Python; a field typed int must not accept true/false.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise PayloadError(f"{what} field {name!r} must be {kind}, got a boolean")
+    if not isinstance(value, kind):
+        raise PayloadError(f"{what} field {name!r} must be {kind}, got {type(value).__name__}")
+    return value
+
+
+def _id_field(obj: dict[str, Any], name: str, what: str) -> str:
+    value = _field(obj, name, str, what)
+    try:
+        return validate_id(value, name)
+    except TopicError as error:
+        raise PayloadError(f"{what}: {error}") from error
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+@dataclasses.dataclass
+class Detection:
+    """One species above the detection threshold in one window."""
+
+    device: str
+    site: str
+    sequence: int
+    start_time: float
+    end_time: float
+    label: str
+    confidence: float
+    head_version: int
+
+    @property
+    def scientific_name(self) -> str:
+        return self.label.partition("_")[0]
+
+    @property
+    def common_name(self) -> str:
+        scientific, _, common = self.label.partition("_")
+        return common or scientific
+
+    def to_json(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        record["scientific_name"] = self.scientific_name
+        record["common_name"] = self.common_name
+        return record
+
+
+def encode_detections(detections: list[Detection]) -> bytes:
+    return _dumps({"protocol": 1, "detections": [d.to_json() for d in detections]})
+
+
+def decode_detections(payload: bytes) -> list[Detection]:
+    what = "detections message"
+    obj = _load_object(payload, what)
+    items = _field(obj, "detections", list, what)
+    detections = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise PayloadError(f"{what}: each detection must be an object")
+        confidence = float(_field(item, "confidence", (int, float), what))
+        if not 0.0 <= confidence <= 1.0:
+            raise PayloadError(f"{what}: confidence {confidence} outside [0, 1]")
+        detections.append(Detection(
+            device=_id_field(item, "device", what),
+            site=_id_field(item, "site", what),
+            sequence=_field(item, "sequence", int, what),
+            start_time=float(_field(item, "start_time", (int, float), what)),
+            end_time=float(_field(item, "end_time", (int, float), what)),
+            label=_field(item, "label", str, what),
+            confidence=confidence,
+            head_version=_field(item, "head_version", int, what),
+        ))
+    return detections
+
+
+@dataclasses.dataclass
+class Status:
+    """A recorder's retained status; the broker publishes ``state="offline"`` as its last will."""
+
+    device: str
+    site: str
+    state: str
+    head_version: int = 0
+    windows: int = 0
+    time: float = 0.0
+    counters: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    STATES = ("online", "offline", "finished")
+
+    def encode(self) -> bytes:
+        return _dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Status:
+        what = "status message"
+        obj = _load_object(payload, what)
+        state = _field(obj, "state", str, what)
+        if state not in cls.STATES:
+            raise PayloadError(f"{what}: unknown state {state!r}, expected one of {cls.STATES}")
+        counters = obj.get("counters", {})
+        if not isinstance(counters, dict):
+            raise PayloadError(f"{what}: counters must be an object")
+        return cls(
+            device=_id_field(obj, "device", what),
+            site=_id_field(obj, "site", what),
+            state=state,
+            head_version=_field(obj, "head_version", int, what),
+            windows=int(obj.get("windows", 0)),
+            time=float(obj.get("time", 0.0)),
+            counters={str(k): int(v) for k, v in counters.items()},
+        )
+
+
+@dataclasses.dataclass
+class Ack:
+    """A recorder's answer to a head manifest: the version it now runs, or a rejection."""
+
+    device: str
+    site: str
+    version: int
+    accepted: bool
+    reason: str = ""
+    time: float = 0.0
+
+    def encode(self) -> bytes:
+        return _dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Ack:
+        what = "ack message"
+        obj = _load_object(payload, what)
+        return cls(
+            device=_id_field(obj, "device", what),
+            site=_id_field(obj, "site", what),
+            version=_field(obj, "version", int, what),
+            accepted=_field(obj, "accepted", bool, what),
+            reason=str(obj.get("reason", "")),
+            time=float(obj.get("time", 0.0)),
+        )
+
+
+def encode_array(array: np.ndarray, dtype: str) -> dict[str, Any]:
+    """Pack an array as ``{"dtype", "shape", "data"}`` with base64 data, for JSON."""
+    array = np.ascontiguousarray(array, dtype=dtype)
+    return {"dtype": dtype, "shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode()}
+
+
+def decode_array(obj: Any, what: str) -> np.ndarray:
+    if not isinstance(obj, dict):
+        raise PayloadError(f"{what} must be an object with dtype, shape and data")
+    dtype = _field(obj, "dtype", str, what)
+    shape = _field(obj, "shape", list, what)
+    if dtype not in ("<f2", "<f4"):
+        raise PayloadError(f"{what}: dtype {dtype!r} not supported, expected '<f2' or '<f4'")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise PayloadError(f"{what}: shape {shape} must be non-negative integers")
+    try:
+        raw = base64.b64decode(_field(obj, "data", str, what), validate=True)
+    except ValueError as error:
+        raise PayloadError(f"{what}: data is not valid base64: {error}") from error
+    count = int(np.prod(shape)) if shape else 1
+    if len(raw) != count * np.dtype(dtype).itemsize:
+        raise PayloadError(f"{what}: {len(raw)} bytes of data do not fill shape {shape} of {dtype}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32)
+
+
+@dataclasses.dataclass
+class Manifest:
+    """Describes one head version of one site; published retained beside the blob.
+
+    Attributes:
+        site: site id.
+        version: head version, increasing per site from 1.
+        parent: version it was adapted from (0: the source head).
+        labels: the K class labels, in the head's output order.
+        sha256: hex digest of the TFLite blob.
+        size: blob size in bytes.
+        precision: "fp32" or "fp16".
+        blob_topic: where the blob is retained.
+        created: unix time.
+        probe_embeddings: [n, 1024] float32 (sent as float16), windows from the site's buffer.
+        probe_logits: [n, K] float32, the blob's own outputs for them on LiteRT; a recorder
+            that gets other outputs from its copy rejects the head.
+        stats: pseudo-label and guard statistics of the round that made this head.
+    """
+
+    site: str
+    version: int
+    parent: int
+    labels: list[str]
+    sha256: str
+    size: int
+    precision: str
+    blob_topic: str
+    created: float
+    probe_embeddings: np.ndarray
+    probe_logits: np.ndarray
+    stats: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        record = {
+            "protocol": 1,
+            "site": self.site,
+            "version": self.version,
+            "parent": self.parent,
+            "labels": self.labels,
+            "sha256": self.sha256,
+            "size": self.size,
+            "precision": self.precision,
+            "blob_topic": self.blob_topic,
+            "created": self.created,
+            "probe": {
+                "embeddings": encode_array(self.probe_embeddings, "<f2"),
+                "logits": encode_array(self.probe_logits, "<f4"),
+            },
+            "stats": self.stats,
+        }
+        return _dumps(record)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Manifest:
+        what = "manifest"
+        obj = _load_object(payload, what)
+        if obj.get("protocol") != 1:
+            raise PayloadError(f"{what}: unknown protocol {obj.get('protocol')!r}, this build reads 1")
+        labels = _field(obj, "labels", list, what)
+        if not labels or not all(isinstance(label, str) and label for label in labels):
+            raise PayloadError(f"{what}: labels must be a non-empty list of strings")
+        version = _field(obj, "version", int, what)
+        if version < 1:
+            raise PayloadError(f"{what}: version {version} must be at least 1")
+        sha256 = _field(obj, "sha256", str, what)
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise PayloadError(f"{what}: sha256 {sha256!r} is not 64 lowercase hex digits")
+        precision = _field(obj, "precision", str, what)
+        if precision not in ("fp32", "fp16"):
+            raise PayloadError(f"{what}: precision {precision!r}, expected 'fp32' or 'fp16'")
+        probe = _field(obj, "probe", dict, what)
+        probe_embeddings = decode_array(probe.get("embeddings"), "manifest probe embeddings")
+        probe_logits = decode_array(probe.get("logits"), "manifest probe logits")
+        if probe_embeddings.ndim != 2 or probe_logits.shape != (probe_embeddings.shape[0], len(labels)):
+            raise PayloadError(
+                f"{what}: probe shapes {probe_embeddings.shape} and {probe_logits.shape} do not "
+                f"match {len(labels)} labels"
+            )
+        stats = obj.get("stats", {})
+        if not isinstance(stats, dict):
+            raise PayloadError(f"{what}: stats must be an object")
+        return cls(
+            site=_id_field(obj, "site", what),
+            version=version,
+            parent=_field(obj, "parent", int, what),
+            labels=labels,
+            sha256=sha256,
+            size=_field(obj, "size", int, what),
+            precision=precision,
+            blob_topic=_field(obj, "blob_topic", str, what),
+            created=float(_field(obj, "created", (int, float), what)),
+            probe_embeddings=probe_embeddings,
+            probe_logits=probe_logits,
+            stats={str(k): float(v) for k, v in stats.items() if isinstance(v, (int, float))},
+        )

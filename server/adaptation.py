@@ -1,0 +1,224 @@
+"""Streaming NOTELA for one site: the rolling buffer, adaptation rounds and the collapse guard.
+
+Every ``update_interval`` new embeddings the site's adapter runs a round:
+teacher logits over the whole buffer, NOTELA pseudo-labels from each
+window's mutual neighbours, a few student steps, and a candidate head. The
+candidate is published only if its predictions on the buffer have not
+collapsed against the source head's; a blocked candidate is discarded and
+the trainer goes back to the last published state, so that drift does not
+accumulate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+
+from dawnchorus.models.head import LinearHead, sigmoid
+from dawnchorus.models.notela import HeadTrainer, notela_targets
+from dawnchorus.server.buffer import NeighbourBuffer
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class AdaptationConfig:
+    """Streaming NOTELA settings of a base station (the same for every site it owns).
+
+    Attributes:
+        buffer_capacity: embeddings kept per site; the oldest leave first.
+        update_interval: new embeddings between rounds (U).
+        min_buffer: embeddings a site needs before its first round.
+        k: nearest neighbours, counting the window itself (k = 5 gives 4 neighbours).
+        lam: weight of the neighbours' mean in the pseudo-label (0 gives Dropout Student).
+        alpha: softness of the pseudo-label; 1 keeps the teacher's scale.
+        learning_rate: Adam step size of the student.
+        dropout_rate: dropout on the head's input, the student's only noise.
+        steps: student steps per round.
+        batch_size: windows per student step.
+        train_affine: also train a per-dimension scale and shift of the embedding.
+        detection_threshold: score above which a window counts as positive in the guard.
+        min_top_score_ratio: block a head whose mean top score on the buffer falls
+            below this share of the source head's.
+        min_positive_ratio: block a head whose share of positive windows falls below
+            this share of the source head's (checked when the source has any).
+        max_positive_ratio: block a head whose share of positive windows exceeds
+            this multiple of the source head's plus 0.05 (everything detected is a
+            collapse too).
+        precision: "fp16" or "fp32" for the pushed TFLite head.
+    """
+
+    buffer_capacity: int = 20_000
+    update_interval: int = 256
+    min_buffer: int = 64
+    k: int = 5
+    lam: float = 1.0
+    alpha: float = 1.0
+    learning_rate: float = 1e-3
+    dropout_rate: float = 0.1
+    steps: int = 8
+    batch_size: int = 256
+    train_affine: bool = True
+    detection_threshold: float = 0.5
+    min_top_score_ratio: float = 0.5
+    min_positive_ratio: float = 0.25
+    max_positive_ratio: float = 4.0
+    precision: str = "fp16"
+
+    def __post_init__(self):
+        checks = [
+            (self.buffer_capacity >= 2, "buffer_capacity must be at least 2"),
+            (self.update_interval >= 1, "update_interval must be at least 1"),
+            (1 <= self.min_buffer <= self.buffer_capacity, "min_buffer must be 1 to buffer_capacity"),
+            (self.k >= 2, "k must be at least 2 (it counts the window itself)"),
+            (self.lam >= 0, "lam must be non-negative"),
+            (self.alpha > 0, "alpha must be positive"),
+            (0 <= self.dropout_rate < 1, "dropout_rate must be in [0, 1)"),
+            (self.steps >= 0, "steps must be non-negative"),
+            (self.precision in ("fp16", "fp32"), "precision must be 'fp16' or 'fp32'"),
+        ]
+        for valid, message in checks:
+            if not valid:
+                raise ValueError(f"invalid adaptation setting: {message} ({self})")
+
+
+@dataclasses.dataclass
+class GuardDecision:
+    """What the collapse guard decided about a candidate head, and the numbers behind it."""
+
+    accepted: bool
+    reason: str
+    stats: dict[str, float]
+
+
+def check_collapse(
+    source_logits: np.ndarray,
+    candidate_logits: np.ndarray,
+    config: AdaptationConfig,
+) -> GuardDecision:
+    """Compare a candidate head with the source head on the same buffer.
+
+    Args:
+        source_logits: [windows, K] the source head's logits.
+        candidate_logits: [windows, K] the candidate's logits.
+    """
+    stats: dict[str, float] = {}
+    if not np.isfinite(candidate_logits).all():
+        return GuardDecision(False, "candidate logits contain NaN or infinite values", stats)
+
+    for name, logits in (("source", source_logits), ("candidate", candidate_logits)):
+        top = sigmoid(logits.max(axis=1))
+        stats[f"{name}_mean_top_score"] = float(top.mean())
+        stats[f"{name}_positive_rate"] = float((top >= config.detection_threshold).mean())
+
+    source_top, candidate_top = stats["source_mean_top_score"], stats["candidate_mean_top_score"]
+    source_rate, candidate_rate = stats["source_positive_rate"], stats["candidate_positive_rate"]
+    if candidate_top < config.min_top_score_ratio * source_top:
+        return GuardDecision(False, (
+            f"mean top score fell to {candidate_top:.4f} from the source head's {source_top:.4f} "
+            f"(limit {config.min_top_score_ratio:.2f}x)"), stats)
+    if source_rate > 0 and candidate_rate < config.min_positive_ratio * source_rate:
+        return GuardDecision(False, (
+            f"positive rate fell to {candidate_rate:.4f} from the source head's {source_rate:.4f} "
+            f"(limit {config.min_positive_ratio:.2f}x)"), stats)
+    if candidate_rate > config.max_positive_ratio * source_rate + 0.05:
+        return GuardDecision(False, (
+            f"positive rate rose to {candidate_rate:.4f} from the source head's {source_rate:.4f} "
+            f"(limit {config.max_positive_ratio:.1f}x + 0.05)"), stats)
+    return GuardDecision(True, "ok", stats)
+
+
+@dataclasses.dataclass
+class RoundResult:
+    """One adaptation round.
+
+    Attributes:
+        head: the candidate head, with the affine folded in.
+        decision: the collapse guard's verdict on it.
+        stats: pseudo-label, loss and guard statistics, and the round's timings in seconds.
+        buffer_size: embeddings in the buffer.
+        probe_embeddings: [n, 1024] float32, buffer windows for the manifest's probe.
+    """
+
+    head: LinearHead
+    decision: GuardDecision
+    stats: dict[str, float]
+    buffer_size: int
+    probe_embeddings: np.ndarray
+
+
+class SiteAdapter:
+    """Streaming NOTELA state of one site. Not thread-safe: one worker thread drives it."""
+
+    def __init__(self, site: str, source_head: LinearHead, config: AdaptationConfig, seed: int = 0):
+        self.site = site
+        self.config = config
+        self.source_head = source_head
+        self.buffer = NeighbourBuffer(config.buffer_capacity, dim=source_head.weights.shape[1], k=config.k)
+        self.trainer = HeadTrainer(source_head, learning_rate=config.learning_rate,
+                                   dropout_rate=config.dropout_rate, train_affine=config.train_affine, seed=seed)
+        self._accepted_state = self.trainer.get_state()
+        self.pending = 0
+        self.rounds = 0
+        self._rng = np.random.default_rng(seed)
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Resume from the trainer state of the last published head."""
+        self.trainer.set_state(state)
+        self._accepted_state = self.trainer.get_state()
+
+    def add(self, embeddings: np.ndarray) -> None:
+        """Add new embeddings [n, 1024] to the buffer."""
+        self.buffer.add(np.asarray(embeddings, dtype=np.float32))
+        self.pending += len(embeddings)
+
+    def round_due(self, flush: bool = False) -> bool:
+        """Whether enough new embeddings arrived for a round (or any, with ``flush``)."""
+        if flush:
+            return self.pending > 0 and self.buffer.size >= 2
+        return self.buffer.size >= self.config.min_buffer and self.pending >= self.config.update_interval
+
+    def run_round(self, version: int) -> RoundResult:
+        """Pseudo-label the buffer, train the student and check the candidate head."""
+        config = self.config
+        started = time.perf_counter()
+        embeddings = self.buffer.embeddings
+        neighbours = self.buffer.mutual_neighbours()
+        neighbours_s = time.perf_counter() - started
+
+        teacher_logits = self.trainer.logits(embeddings)
+        targets = notela_targets(teacher_logits, neighbours, lam=config.lam, alpha=config.alpha)
+        teacher_s = time.perf_counter() - started - neighbours_s
+
+        loss = self.trainer.fit(embeddings, targets, steps=config.steps, batch_size=config.batch_size)
+        candidate = self.trainer.export_head(version)
+        decision = check_collapse(self.source_head.logits(embeddings), candidate.logits(embeddings), config)
+        total_s = time.perf_counter() - started
+
+        has_neighbour = (neighbours >= 0).any(axis=1)
+        teacher_top = teacher_logits.argmax(axis=1)
+        stats = {
+            "mean_pseudo_label": float(targets.mean()),
+            "mean_teacher_score": float(sigmoid(teacher_logits).mean()),
+            "pseudo_label_top_changed": float((targets.argmax(axis=1) != teacher_top).mean()),
+            "windows_with_mutual_neighbour": float(has_neighbour.mean()),
+            "mean_mutual_neighbours": float((neighbours >= 0).sum(axis=1).mean()),
+            "loss": float(loss),
+            "neighbours_s": neighbours_s,
+            "teacher_s": teacher_s,
+            "round_s": total_s,
+            **decision.stats,
+        }
+        self.pending = 0
+        self.rounds += 1
+
+        if decision.accepted:
+            self._accepted_state = self.trainer.get_state()
+        else:
+            self.trainer.set_state(self._accepted_state)
+
+        probe_rows = self._rng.choice(len(embeddings), size=min(4, len(embeddings)), replace=False)
+        return RoundResult(candidate, decision, stats, len(embeddings), embeddings[np.sort(probe_rows)])

@@ -1,0 +1,85 @@
+"""An MQTT broker embedded in the process (amqtt), for the demo and for trying
+dawnchorus without installing Mosquitto. Fleets run Mosquitto (see deploy/)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free on ``host`` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """amqtt running on its own event loop in a daemon thread.
+
+    Anonymous clients are allowed, so bind it to the loopback interface only.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None):
+        self.host = host
+        self.port = port or free_port(host)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._broker = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        self._thread = threading.Thread(target=self._run, name="amqtt-broker", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError(f"embedded MQTT broker did not start on {self.host}:{self.port} in {timeout} s")
+        if self._error is not None:
+            raise RuntimeError(f"embedded MQTT broker failed to start: {self._error}") from self._error
+        _LOGGER.info("embedded MQTT broker (amqtt) listening on %s:%d", self.host, self.port)
+
+    def _run(self) -> None:
+        from amqtt.broker import Broker
+
+        # amqtt logs every connection at INFO; the demo's own log says what matters.
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        try:
+            self._broker = Broker(config, loop=self._loop)
+            self._loop.run_until_complete(self._broker.start())
+        except BaseException as error:  # reported to start()'s caller
+            self._error = error
+            self._started.set()
+            return
+        self._started.set()
+        self._loop.run_forever()
+
+    def stop(self) -> None:
+        if self._loop is None or self._broker is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
+        try:
+            future.result(timeout=10)
+        except Exception as error:  # shutting down anyway
+            _LOGGER.warning("embedded broker shutdown: %s", error)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        _LOGGER.info("embedded MQTT broker stopped")
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,351 @@
+"""The base station: ingests embeddings, adapts each site's head, publishes heads.
+
+paho's network thread only decodes and queues messages; one worker thread
+owns the sites (buffers, trainers) and does all adaptation and publishing,
+so no lock guards the adaptation state. Sites can be split across several
+base-station processes: each owns the sites that a stable hash of the site
+id assigns to its shard.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import pathlib
+import queue
+import threading
+import time
+import zlib
+from typing import Callable
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from dawnchorus.models.export import head_to_tflite
+from dawnchorus.models.head import LinearHead, TFLiteHead
+from dawnchorus.protocol import topics
+from dawnchorus.protocol.embeddings import PayloadError, decode_embeddings
+from dawnchorus.protocol.messages import Ack, Detection, Manifest, Status, decode_detections
+from dawnchorus.server.adaptation import AdaptationConfig, RoundResult, SiteAdapter
+from dawnchorus.server.feed import DetectionFeed
+from dawnchorus.server.registry import HeadRegistry
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's share of the sites: ``index`` of ``count``, 1-based as on the command line."""
+
+    index: int = 1
+    count: int = 1
+
+    def __post_init__(self):
+        if not 1 <= self.index <= self.count:
+            raise ValueError(f"shard {self.index}/{self.count}: the index must be 1 to {self.count}")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        index, _, count = text.partition("/")
+        try:
+            return cls(int(index), int(count))
+        except ValueError as error:
+            raise ValueError(f"invalid shard {text!r}: expected INDEX/COUNT such as 2/4 ({error})") from None
+
+    def owns(self, site: str) -> bool:
+        """Whether this shard owns ``site``; crc32 is stable across processes and Python versions."""
+        return zlib.crc32(site.encode()) % self.count == self.index - 1
+
+
+class SequenceFilter:
+    """Remembers which sequence numbers of each device were accepted.
+
+    Per device: every number below ``floor`` was seen, plus a set of numbers
+    above it; the set shrinks as the floor advances, so memory stays small
+    when numbers arrive roughly in order.
+    """
+
+    def __init__(self):
+        self._floor: dict[str, int] = collections.defaultdict(int)
+        self._above: dict[str, set[int]] = collections.defaultdict(set)
+
+    def is_new(self, device: str, sequence: int) -> bool:
+        return sequence >= self._floor[device] and sequence not in self._above[device]
+
+    def add(self, device: str, sequence: int) -> None:
+        above = self._above[device]
+        above.add(sequence)
+        floor = self._floor[device]
+        while floor in above:
+            above.discard(floor)
+            floor += 1
+        self._floor[device] = floor
+        # A device whose numbers skip (a crashed recorder skips a block) would keep
+        # the set growing; past 100,000 entries the floor jumps to the smallest one.
+        if len(above) > 100_000:
+            self._floor[device] = min(above)
+            self.add(device, min(above))
+
+
+@dataclasses.dataclass
+class StationConfig:
+    """Settings of a base-station process.
+
+    Attributes:
+        broker_host, broker_port: the MQTT broker.
+        state_dir: the head registry, acks and the detection log.
+        shard: which sites this process owns.
+        adaptation: streaming NOTELA settings.
+        client_id: MQTT client id; unique per process.
+    """
+
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    state_dir: pathlib.Path = pathlib.Path("state/server")
+    shard: Shard = Shard()
+    adaptation: AdaptationConfig = dataclasses.field(default_factory=AdaptationConfig)
+    client_id: str = "dawnchorus-base-station"
+
+
+@dataclasses.dataclass
+class SiteView:
+    """What the station knows of one site, for summaries and the live view."""
+
+    latest_version: int = 0
+    blocked: int = 0
+    rounds: int = 0
+    embeddings: int = 0
+    last_decision: str = ""
+
+
+class BaseStation:
+    """Runs the base station until ``stop`` is called.
+
+    Args:
+        config: the station's settings.
+        source_head: the full source head (all classes of the model).
+        species_for_site: returns the labels a site's head covers (in the source
+            head's order); called once per site when its first embedding arrives.
+        on_detection: optional callback for every accepted detection.
+    """
+
+    def __init__(
+        self,
+        config: StationConfig,
+        source_head: LinearHead,
+        species_for_site: Callable[[str], list[str]],
+        on_detection: Callable[[Detection], None] | None = None,
+    ):
+        self.config = config
+        self.source_head = source_head
+        self._species_for_site = species_for_site
+        self.registry = HeadRegistry(config.state_dir)
+        self.feed = DetectionFeed(pathlib.Path(config.state_dir) / "detections.jsonl", on_detection)
+        self.sites: dict[str, SiteAdapter] = {}
+        self.views: dict[str, SiteView] = collections.defaultdict(SiteView)
+        self.recorders: dict[str, Status] = {}
+        self.acks: dict[str, Ack] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._seen = SequenceFilter()
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._flush_requested = threading.Event()
+        self._worker: threading.Thread | None = None
+        self.connected = threading.Event()
+        self._client = self._make_client()
+
+    # MQTT ------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.config.client_id,
+                             clean_session=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            _LOGGER.error("base station: broker refused the connection: %s", reason_code)
+            return
+        for kind in topics.DEVICE_KINDS:
+            client.subscribe(topics.device_wildcard(kind), qos=1)
+        _LOGGER.info("base station connected to %s:%d (shard %d/%d)", self.config.broker_host,
+                     self.config.broker_port, self.config.shard.index, self.config.shard.count)
+        self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            _LOGGER.warning("base station disconnected (%s); paho reconnects with backoff", reason_code)
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            parsed = topics.parse_device_topic(message.topic)
+        except topics.TopicError as error:
+            self._reject(message.topic, "?", str(error))
+            return
+        if not self.config.shard.owns(parsed.site):
+            return
+        self._queue.put((parsed, bytes(message.payload)))
+
+    def _reject(self, topic: str, device: str, reason: str) -> None:
+        self.counters["rejected_payloads"] += 1
+        _LOGGER.error("base station rejected a message on %s from device %s: %s", topic, device, reason)
+
+    # Worker ----------------------------------------------------------------
+
+    def _site(self, site: str) -> SiteAdapter:
+        adapter = self.sites.get(site)
+        if adapter is not None:
+            return adapter
+        labels = self._species_for_site(site)
+        adapter = SiteAdapter(site, self.source_head.select(labels), self.config.adaptation)
+        latest = self.registry.latest_version(site)
+        if latest:
+            state = self.registry.trainer_state(site, latest)
+            if state is not None:
+                adapter.restore(state)
+            _LOGGER.info("site %s resumes after head v%d from the registry", site, latest)
+        self.views[site].latest_version = latest
+        self.sites[site] = adapter
+        _LOGGER.info("site %s: %d classes, buffer of %d, a round every %d embeddings", site, len(labels),
+                     self.config.adaptation.buffer_capacity, self.config.adaptation.update_interval)
+        return adapter
+
+    def _handle(self, parsed: topics.DeviceTopic, payload: bytes) -> None:
+        try:
+            if parsed.kind == "embeddings":
+                self._ingest_embeddings(parsed, payload)
+            elif parsed.kind == "detections":
+                for detection in decode_detections(payload):
+                    self.feed.add(detection)
+            elif parsed.kind == "status":
+                if payload:
+                    self.recorders[parsed.device] = Status.decode(payload)
+            elif parsed.kind == "ack":
+                self._record_ack(parsed, Ack.decode(payload))
+        except PayloadError as error:
+            self._reject(f"{topics.ROOT}/{parsed.site}/{parsed.device}/{parsed.kind}", parsed.device, str(error))
+
+    def _ingest_embeddings(self, parsed: topics.DeviceTopic, payload: bytes) -> None:
+        batch = decode_embeddings(payload)
+        if batch.device != parsed.device or batch.site != parsed.site:
+            raise PayloadError(f"header names device {batch.device} of site {batch.site}, "
+                               f"the topic {parsed.device} of site {parsed.site}")
+        fresh = [i for i, seq in enumerate(batch.sequence.tolist()) if self._seen.is_new(batch.device, seq)]
+        self.counters["embeddings_duplicate"] += len(batch) - len(fresh)
+        if not fresh:
+            return
+        adapter = self._site(batch.site)
+        adapter.add(batch.embeddings[fresh].astype(np.float32))
+        for i in fresh:
+            self._seen.add(batch.device, int(batch.sequence[i]))
+        self.counters["embeddings"] += len(fresh)
+        self.views[batch.site].embeddings += len(fresh)
+
+    def _record_ack(self, parsed: topics.DeviceTopic, ack: Ack) -> None:
+        if ack.device != parsed.device or ack.site != parsed.site:
+            raise PayloadError(f"ack names device {ack.device} of site {ack.site}, the topic another")
+        self.acks[ack.device] = ack
+        if ack.accepted:
+            self.counters["acks"] += 1
+            self.registry.record_ack(ack.site, ack.device, ack.version)
+            _LOGGER.info("recorder %s of site %s acknowledged head v%d", ack.device, ack.site, ack.version)
+        else:
+            self.counters["head_rejections"] += 1
+            _LOGGER.warning("recorder %s of site %s rejected head v%d: %s", ack.device, ack.site,
+                            ack.version, ack.reason)
+
+    def _run_rounds(self, flush: bool = False) -> None:
+        for site, adapter in self.sites.items():
+            if adapter.round_due(flush):
+                self._adapt(site, adapter)
+
+    def _adapt(self, site: str, adapter: SiteAdapter) -> None:
+        view = self.views[site]
+        version = self.registry.latest_version(site) + 1
+        result = adapter.run_round(version)
+        view.rounds += 1
+        self.counters["rounds"] += 1
+        stats = result.stats
+        if not result.decision.accepted:
+            view.blocked += 1
+            view.last_decision = result.decision.reason
+            self.counters["heads_blocked"] += 1
+            _LOGGER.warning("site %s: collapse guard blocked candidate v%d: %s", site, version,
+                            result.decision.reason)
+            return
+        _LOGGER.info(
+            "site %s round %d: buffer %d, pseudo-label mean %.4f, top class changed %.3f, "
+            "mean top score %.4f (source %.4f), %.2f s",
+            site, adapter.rounds, result.buffer_size, stats["mean_pseudo_label"],
+            stats["pseudo_label_top_changed"], stats["candidate_mean_top_score"],
+            stats["source_mean_top_score"], stats["round_s"],
+        )
+        self._publish_head(site, adapter, result)
+        view.last_decision = "published"
+
+    def _publish_head(self, site: str, adapter: SiteAdapter, result: RoundResult) -> None:
+        precision = self.config.adaptation.precision
+        blob = head_to_tflite(result.head, precision)
+        # The probe travels as float16, so its logits are those of the rounded values.
+        probe = result.probe_embeddings.astype(np.float16).astype(np.float32)
+        probe_logits = TFLiteHead(blob, result.head.labels, result.head.version).logits(probe)
+        parent = self.registry.latest_version(site)
+        record = self.registry.add(site, parent, result.head.labels, precision, blob, result.buffer_size,
+                                   result.stats, adapter.trainer.get_state())
+        manifest = Manifest(
+            site=site, version=record.version, parent=parent, labels=record.labels, sha256=record.sha256,
+            size=record.size, precision=precision, blob_topic=topics.blob_topic(site, record.version),
+            created=record.created, probe_embeddings=probe, probe_logits=probe_logits, stats=result.stats,
+        )
+
+        self._client.publish(manifest.blob_topic, blob, qos=1, retain=True)
+        self._client.publish(topics.manifest_topic(site), manifest.encode(), qos=1, retain=True)
+        if parent > 1:
+            # Recorders fetch the newest blob; older retained blobs only cost broker memory.
+            self._client.publish(topics.blob_topic(site, parent - 1), b"", qos=1, retain=True)
+        self.views[site].latest_version = record.version
+        self.counters["heads_published"] += 1
+        _LOGGER.info("site %s: published head v%d (%s, %d bytes, sha256 %s...)", site, record.version,
+                     precision, record.size, record.sha256[:12])
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                parsed, payload = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                if self._flush_requested.is_set():
+                    self._flush_requested.clear()
+                    self._run_rounds(flush=True)
+                continue
+            self._handle(parsed, payload)
+            self._run_rounds()
+
+    # Lifecycle ---------------------------------------------------------------
+
+    def request_flush(self) -> None:
+        """Run a round for every site with any new embeddings once the queue is idle."""
+        self._flush_requested.set()
+
+    def start(self) -> None:
+        _LOGGER.info("base station starting: state in %s", self.config.state_dir)
+        self._client.connect_async(self.config.broker_host, self.config.broker_port, keepalive=30)
+        self._client.loop_start()
+        self._worker = threading.Thread(target=self._work, name="base-station-worker", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.feed.close()
+        _LOGGER.info("base station stopped: %s", dict(self.counters))
+
+    def idle(self) -> bool:
+        return self._queue.empty()
