@@ -241,7 +241,6 @@ def start_station(args: argparse.Namespace, state_dir: pathlib.Path, broker: tup
     from dawnchorus.models.backbone import load_source_model
     from dawnchorus.server.station import BaseStation, Shard, StationConfig
 
-    quiet_tensorflow()
     model = load_source_model(args.model, args.labels)
     range_model = None if args.model else birdnet.locate_birdnet_files().range_model
     species_for_site = species_resolver(args, model.head.labels, range_model)
@@ -289,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_tensorflow()
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

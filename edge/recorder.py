@@ -177,9 +177,13 @@ class Recorder:
         with self._lock:
             running = self.head_version
             pending = self._pending_manifest.version if self._pending_manifest else 0
-            if manifest.version <= max(running, pending):
-                _LOGGER.debug("recorder %s: manifest v%d is not newer than v%d", self.config.device,
-                              manifest.version, max(running, pending))
+            newest = max(running, pending)
+            if manifest.version <= newest:
+                # The broker re-sends the retained manifest of the running head on every
+                # reconnect; only an older version is a replay worth reporting.
+                if manifest.version < running:
+                    self._reject_head(manifest, f"version {manifest.version} is older than the running "
+                                                f"version {running} (replay)")
                 return
             self._pending_manifest = manifest
         _LOGGER.info("recorder %s: head v%d announced for site %s, fetching %s", self.config.device,
@@ -202,17 +206,20 @@ class Recorder:
         except (HeadRejected, OSError) as error:
             with self._lock:
                 self._pending_manifest = None
-            self.counters["heads_rejected"] += 1
-            _LOGGER.error("recorder %s: rejected head v%d of site %s: %s; keeps running v%d",
-                          self.config.device, manifest.version, manifest.site, error, self.head_version)
-            self._publish(self._topic("ack"), Ack(self.config.device, self.config.site, manifest.version,
-                                                  False, str(error), time.time()).encode())
+            self._reject_head(manifest, str(error))
             return
         with self._lock:
             self._pending_manifest = None
         _LOGGER.info("recorder %s: head v%d verified (sha256 %s...), swapping in between windows",
                      self.config.device, manifest.version, manifest.sha256[:12])
         self.pipeline.swap_head(runner)
+
+    def _reject_head(self, manifest: Manifest, reason: str) -> None:
+        self.counters["heads_rejected"] += 1
+        _LOGGER.error("recorder %s: rejected head v%d of site %s: %s; keeps running v%d",
+                      self.config.device, manifest.version, manifest.site, reason, self.head_version)
+        self._publish(self._topic("ack"), Ack(self.config.device, self.config.site, manifest.version,
+                                              False, reason, time.time()).encode())
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         info = self._client.publish(topic, payload, qos=1, retain=retain)
