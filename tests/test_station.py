@@ -1,0 +1,169 @@
+"""The base station against a real Mosquitto: deduplication, rejected payloads, shards,
+and the collapse guard."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+import soundfile
+
+from dawnchorus.models.backbone import Backbone, load_source_model
+from dawnchorus.protocol import topics
+from dawnchorus.protocol.embeddings import EmbeddingBatch, encode_embeddings
+from dawnchorus.server.adaptation import AdaptationConfig, check_collapse
+from dawnchorus.server.station import BaseStation, SequenceFilter, Shard, StationConfig
+
+LABELS = ["Poecile atricapillus_Black-capped Chickadee", "Baeolophus bicolor_Tufted Titmouse",
+          "Haemorhous mexicanus_House Finch", "Cardinalis cardinalis_Northern Cardinal"]
+
+
+@pytest.fixture(scope="module")
+def source():
+    return load_source_model()
+
+
+@pytest.fixture(scope="module")
+def embeddings(source, data_dir):
+    audio, _ = soundfile.read(data_dir / "soundscapes/birdnet-example/soundscape.flac", dtype="float32")
+    return Backbone(source.backbone).embed(audio[: 20 * 144_000].reshape(20, 144_000))
+
+
+def _wait(condition, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture()
+def station(mosquitto, source, tmp_path):
+    config = StationConfig(
+        broker_host=mosquitto.host, broker_port=mosquitto.port, state_dir=tmp_path,
+        shard=Shard(2, 4), client_id="test-station",
+        adaptation=AdaptationConfig(buffer_capacity=100, update_interval=1000, min_buffer=10),
+    )
+    base = BaseStation(config, source.head, lambda site: LABELS)
+    base.start()
+    assert base.connected.wait(20)
+    yield base
+    base.stop()
+
+
+@pytest.fixture()
+def publisher(mosquitto):
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-publisher")
+    client.connect(mosquitto.host, mosquitto.port)
+    client.loop_start()
+    yield client
+    client.loop_stop()
+    client.disconnect()
+
+
+def _owned_site(shard: Shard) -> str:
+    return next(f"site-{i}" for i in range(1000) if shard.owns(f"site-{i}"))
+
+
+def _send(client, site: str, device: str, embeddings: np.ndarray, first: int) -> None:
+    batch = EmbeddingBatch(device, site, 0, np.arange(first, first + len(embeddings), dtype=np.uint64),
+                           np.arange(len(embeddings)) * 3.0, embeddings)
+    client.publish(topics.device_topic(site, device, "embeddings"), encode_embeddings(batch), qos=1).wait_for_publish(10)
+
+
+def test_station_deduplicates_by_device_and_sequence(station, publisher, embeddings):
+    site = _owned_site(station.config.shard)
+    _send(publisher, site, "rec-1", embeddings[:10], first=0)
+    _send(publisher, site, "rec-1", embeddings[:10], first=0)
+    _send(publisher, site, "rec-1", embeddings[5:15], first=5)
+    _send(publisher, site, "rec-2", embeddings[:10], first=0)
+    assert _wait(lambda: station.counters["embeddings"] + station.counters["embeddings_duplicate"] >= 40)
+    assert station.counters["embeddings"] == 25
+    assert station.counters["embeddings_duplicate"] == 15
+    assert station.sites[site].buffer.size == 25
+
+
+def test_station_rejects_bad_payloads_and_keeps_running(station, publisher, embeddings):
+    site = _owned_site(station.config.shard)
+    good = encode_embeddings(EmbeddingBatch("rec-1", site, 0, np.arange(3, dtype=np.uint64), np.zeros(3),
+                                            embeddings[:3]))
+    bad = [
+        (topics.device_topic(site, "rec-1", "embeddings"), b"garbage"),
+        (topics.device_topic(site, "rec-1", "embeddings"), good[:-10]),
+        (topics.device_topic(site, "rec-9", "embeddings"), good),
+        (topics.device_topic(site, "rec-1", "detections"), b"{not json"),
+        (topics.device_topic(site, "rec-1", "ack"), b'{"device": "rec-1"}'),
+        (topics.device_topic(site, "rec-1", "status"), b'{"state": "dancing"}'),
+    ]
+    for topic, payload in bad:
+        publisher.publish(topic, payload, qos=1).wait_for_publish(10)
+    publisher.publish(topics.device_topic(site, "rec-1", "embeddings"), good, qos=1).wait_for_publish(10)
+    assert _wait(lambda: station.counters["embeddings"] == 3)
+    assert station.counters["rejected_payloads"] == len(bad)
+
+
+def test_station_ignores_sites_of_other_shards(station, publisher, embeddings):
+    foreign = next(f"site-{i}" for i in range(1000) if not station.config.shard.owns(f"site-{i}"))
+    owned = _owned_site(station.config.shard)
+    _send(publisher, foreign, "rec-1", embeddings[:5], first=0)
+    _send(publisher, owned, "rec-1", embeddings[:5], first=100)
+    assert _wait(lambda: station.counters["embeddings"] == 5)
+    assert foreign not in station.sites
+
+
+def test_shard_assigns_each_site_to_one_shard():
+    shards = [Shard(i, 4) for i in range(1, 5)]
+    for n in range(200):
+        assert sum(shard.owns(f"site-{n}") for shard in shards) == 1
+
+
+def test_shard_parse_rejects_invalid():
+    with pytest.raises(ValueError, match="INDEX/COUNT"):
+        Shard.parse("two")
+    with pytest.raises(ValueError):
+        Shard.parse("5/4")
+
+
+def test_sequence_filter_out_of_order():
+    seen = SequenceFilter()
+    for number in (0, 2, 1, 5):
+        assert seen.is_new("rec", number)
+        seen.add("rec", number)
+    assert not seen.is_new("rec", 1)
+    assert not seen.is_new("rec", 5)
+    assert seen.is_new("rec", 3)
+    assert seen.is_new("other", 0)
+
+
+def test_collapse_guard_blocks_low_scores():
+    config = AdaptationConfig()
+    source = np.array([[3.0, -2.0], [2.0, -1.0], [-1.0, -3.0]])
+    decision = check_collapse(source, source - 6.0, config)
+    assert not decision.accepted
+    assert "mean top score" in decision.reason
+    assert decision.stats["candidate_mean_top_score"] < decision.stats["source_mean_top_score"]
+
+
+def test_collapse_guard_blocks_everything_positive():
+    config = AdaptationConfig()
+    source = np.full((8, 2), -3.0)
+    source[0, 0] = 3.0
+    decision = check_collapse(source, np.full_like(source, 4.0), config)
+    assert not decision.accepted
+    assert "positive rate rose" in decision.reason
+
+
+def test_collapse_guard_accepts_small_change():
+    config = AdaptationConfig()
+    source = np.array([[3.0, -2.0], [2.0, -1.0], [-1.0, -3.0]])
+    assert check_collapse(source, source - 0.2, config).accepted
+
+
+def test_collapse_guard_blocks_nan():
+    config = AdaptationConfig()
+    source = np.zeros((2, 2))
+    candidate = np.array([[np.nan, 0.0], [0.0, 0.0]])
+    assert not check_collapse(source, candidate, config).accepted
