@@ -25,6 +25,26 @@ def broker_address(text: str) -> tuple[str, int]:
     return host, number
 
 
+PASSWORD_VARIABLE = "DAWNCHORUS_MQTT_PASSWORD"
+
+
+def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", type=broker_address, default=("127.0.0.1", 1883), metavar="HOST:PORT",
+                        help="MQTT broker (default 127.0.0.1:1883)")
+    parser.add_argument("--mqtt-user", default=None,
+                        help=f"MQTT user name; the password is read from ${PASSWORD_VARIABLE}")
+
+
+def mqtt_credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    if args.mqtt_user is None:
+        return None, None
+    password = os.environ.get(PASSWORD_VARIABLE)
+    if password is None:
+        raise ValueError(f"--mqtt-user {args.mqtt_user} is set but {PASSWORD_VARIABLE} is not: "
+                         "export the password in that variable")
+    return args.mqtt_user, password
+
+
 def probability(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -119,8 +139,7 @@ def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--device", required=True, help="recorder id, unique in the fleet")
     parser.add_argument("--site", required=True, help="site id; recorders of a site share one head")
-    parser.add_argument("--broker", type=broker_address, default=("127.0.0.1", 1883), metavar="HOST:PORT",
-                        help="MQTT broker (default 127.0.0.1:1883)")
+    add_broker_arguments(parser)
     parser.add_argument("--input", nargs="+", type=pathlib.Path, default=[], metavar="PATH",
                         help="replay these files or folders instead of capturing from a microphone")
     parser.add_argument("--speed", type=float, default=1.0,
@@ -149,9 +168,10 @@ def run_edge(args: argparse.Namespace) -> int:
     from dawnchorus.models.backbone import Backbone, load_source_model
     from dawnchorus.models.species import species_from_file
 
+    username, password = mqtt_credentials(args)
     config = RecorderConfig(
         device=args.device, site=args.site, broker_host=args.broker[0], broker_port=args.broker[1],
-        state_dir=args.state_dir, min_conf=args.min_conf, sensitivity=args.sensitivity,
+        username=username, password=password, state_dir=args.state_dir, min_conf=args.min_conf, sensitivity=args.sensitivity,
     )
     model = load_source_model(args.model, args.labels)
     head = model.head
@@ -196,8 +216,7 @@ def run_edge(args: argparse.Namespace) -> int:
 def add_server_run_arguments(parser: argparse.ArgumentParser) -> None:
     from dawnchorus.server.adaptation import AdaptationConfig
 
-    parser.add_argument("--broker", type=broker_address, default=("127.0.0.1", 1883), metavar="HOST:PORT",
-                        help="MQTT broker (default 127.0.0.1:1883)")
+    add_broker_arguments(parser)
     parser.add_argument("--state-dir", type=pathlib.Path, default=pathlib.Path("state/server"),
                         help="head registry, acks and detection log (default %(default)s)")
     parser.add_argument("--shard", default="1/1", metavar="INDEX/COUNT",
@@ -244,7 +263,13 @@ def species_resolver(args: argparse.Namespace, labels: list[str], range_model: p
     return species_for_site
 
 
-def start_station(args: argparse.Namespace, state_dir: pathlib.Path, broker: tuple[str, int], on_detection=None):
+def start_station(
+    args: argparse.Namespace,
+    state_dir: pathlib.Path,
+    broker: tuple[str, int],
+    credentials: tuple[str | None, str | None] = (None, None),
+    on_detection=None,
+):
     from dawnchorus.models import birdnet
     from dawnchorus.models.backbone import load_source_model
     from dawnchorus.server.station import BaseStation, Shard, StationConfig
@@ -253,8 +278,10 @@ def start_station(args: argparse.Namespace, state_dir: pathlib.Path, broker: tup
     range_model = None if args.model else birdnet.locate_birdnet_files().range_model
     species_for_site = species_resolver(args, model.head.labels, range_model)
     shard = Shard.parse(getattr(args, "shard", "1/1"))
+    username, password = credentials
     config = StationConfig(
-        broker_host=broker[0], broker_port=broker[1], state_dir=state_dir, shard=shard,
+        broker_host=broker[0], broker_port=broker[1], username=username, password=password,
+        state_dir=state_dir, shard=shard,
         adaptation=adaptation_from_args(args), client_id=f"dawnchorus-base-station-{shard.index}-of-{shard.count}",
     )
     station = BaseStation(config, model.head, species_for_site, on_detection)
@@ -263,7 +290,7 @@ def start_station(args: argparse.Namespace, state_dir: pathlib.Path, broker: tup
 
 
 def run_server(args: argparse.Namespace) -> int:
-    station = start_station(args, args.state_dir, args.broker)
+    station = start_station(args, args.state_dir, args.broker, mqtt_credentials(args))
     _run_until_signal(station.stop)
     return 0
 

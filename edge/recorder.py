@@ -44,6 +44,7 @@ class RecorderConfig:
         device: recorder id, unique in the fleet.
         site: site id; recorders of a site share one adapted head.
         broker_host, broker_port: the MQTT broker.
+        username, password: MQTT credentials, or None for an anonymous connection.
         state_dir: sequence counter, reference batch and head store live here.
         min_conf: detection threshold on sigmoid scores, 0 to 1.
         sensitivity: BirdNET sigmoid sensitivity, 0.5 to 1.5.
@@ -57,6 +58,8 @@ class RecorderConfig:
     site: str
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
     state_dir: pathlib.Path = pathlib.Path("state")
     min_conf: float = 0.7
     sensitivity: float = 1.0
@@ -142,6 +145,8 @@ class Recorder:
             clean_session=True,
         )
         offline = Status(self.config.device, self.config.site, "offline", self.head_version, time=time.time())
+        if self.config.username is not None:
+            client.username_pw_set(self.config.username, self.config.password)
         client.will_set(self._topic("status"), offline.encode(), qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=60)
         client.on_connect = self._on_connect

@@ -94,6 +94,7 @@ class StationConfig:
 
     Attributes:
         broker_host, broker_port: the MQTT broker.
+        username, password: MQTT credentials, or None for an anonymous connection.
         state_dir: the head registry, acks and the detection log.
         shard: which sites this process owns.
         adaptation: streaming NOTELA settings.
@@ -102,6 +103,8 @@ class StationConfig:
 
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
     state_dir: pathlib.Path = pathlib.Path("state/server")
     shard: Shard = Shard()
     adaptation: AdaptationConfig = dataclasses.field(default_factory=AdaptationConfig)
@@ -160,6 +163,8 @@ class BaseStation:
     def _make_client(self) -> mqtt.Client:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.config.client_id,
                              clean_session=True)
+        if self.config.username is not None:
+            client.username_pw_set(self.config.username, self.config.password)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

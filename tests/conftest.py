@@ -57,7 +57,6 @@ class Mosquitto:
             "persistence false\n"
             "max_queued_messages 100000\n"
             "max_inflight_messages 0\n"
-            "message_size_limit 0\n"
         )
         self._log = open(directory / "mosquitto.log", "w")
         self._process = subprocess.Popen([binary, "-c", str(config)], stdout=self._log, stderr=subprocess.STDOUT)
