@@ -1,7 +1,7 @@
 """The recorder unit: audio in, embeddings and detections out over MQTT, heads in.
 
 One thread runs the audio source and the inference pipeline and publishes
-what it produces; paho's network thread receives manifests and blobs,
+what it produces. paho's network thread receives manifests and blobs,
 verifies them and hands a verified head to the pipeline, which swaps it in
 between batches. The recorder acknowledges a version once windows are being
 scored with it (or at once when it is idle).
