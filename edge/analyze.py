@@ -1,0 +1,312 @@
+"""``analyze``: run the recorder's front end and BirdNET on audio files, without a broker.
+
+Writes a CSV in the layout of BirdNET-Analyzer's ``csv`` result type, one row
+per window and species whose confidence reaches ``--min-conf``:
+
+    Start (s),End (s),Scientific name,Common name,Confidence,File
+
+``End (s)`` is cut at the end of the file for the zero-padded last window.
+Rows are sorted by file, then start, then confidence (highest first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import logging
+import os
+import pathlib
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from dawnchorus.edge import audio
+from dawnchorus.edge.pipeline import InferencePipeline
+from dawnchorus.models import birdnet
+from dawnchorus.models.backbone import Backbone, load_source_model
+from dawnchorus.models.head import LinearHead, sigmoid
+from dawnchorus.models.species import species_from_file
+
+_LOGGER = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("Start (s)", "End (s)", "Scientific name", "Common name", "Confidence", "File")
+
+# BirdNET-Analyzer's defaults and limits for the same options.
+DEFAULT_MIN_CONFIDENCE = 0.1
+DEFAULT_SENSITIVITY = 1.0
+MIN_SENSITIVITY = 0.5
+MAX_SENSITIVITY = 1.5
+
+# Offline analysis has no latency to keep low. Over four runs of
+# benchmarks/edge_throughput.py on a 2-core AMD EPYC, batches of 4 were 0-5 %
+# and batches of 8 1-8 % faster than batch 1. Batch 8 raised the process's
+# peak memory from 213 MB (batch 1) to 311 MB, batch 4 only to 245 MB.
+ANALYZE_BATCH_SIZE = 4
+
+EXIT_OK = 0
+EXIT_FAILED = 2
+
+
+class AnalyzeError(ValueError):
+    """Invalid options or model files: the message names the option or file and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """One CSV row: a species scored at or above the minimum confidence in one window."""
+
+    file: str
+    start_s: float
+    end_s: float
+    label: str
+    confidence: float
+
+
+def _ranged_float(name: str, low: float, high: float, high_inclusive: bool = True):
+    """Build an argparse type that accepts a float in [low, high] (or [low, high))."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        _check_range(name, value, low, high, high_inclusive)
+        return value
+
+    return parse
+
+
+def _check_range(name: str, value: float, low: float, high: float, high_inclusive: bool = True) -> None:
+    above_high = value > high if high_inclusive else value >= high
+    if not value >= low or above_high:
+        bracket = "]" if high_inclusive else ")"
+        raise argparse.ArgumentTypeError(f"{name} {value} is out of range [{low}, {high}{bracket}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``analyze`` options to ``parser``."""
+    parser.add_argument(
+        "paths", nargs="+", type=pathlib.Path,
+        help="audio files (wav, flac, ogg, opus, mp3) or folders, searched recursively",
+    )
+    parser.add_argument("--out", required=True, type=pathlib.Path, help="CSV file to write")
+    parser.add_argument(
+        "--min-conf", type=_ranged_float("--min-conf", 0.0, 1.0), default=DEFAULT_MIN_CONFIDENCE,
+        help=f"minimum confidence of a row, 0 to 1 (default {DEFAULT_MIN_CONFIDENCE})",
+    )
+    parser.add_argument(
+        "--sensitivity", type=_ranged_float("--sensitivity", MIN_SENSITIVITY, MAX_SENSITIVITY),
+        default=DEFAULT_SENSITIVITY,
+        help=f"sigmoid sensitivity, {MIN_SENSITIVITY} to {MAX_SENSITIVITY}; higher values push "
+        f"confidences towards 0 and 1 (default {DEFAULT_SENSITIVITY})",
+    )
+    parser.add_argument(
+        "--overlap", type=_ranged_float("--overlap", 0.0, audio.WINDOW_SECONDS, high_inclusive=False),
+        default=0.0, help="overlap of consecutive 3 s windows in seconds, 0 to under 3 (default 0)",
+    )
+    parser.add_argument(
+        "--species-file", type=pathlib.Path,
+        help="text file with one label per line (Scientific name_Common name, or the "
+        "scientific name alone; lines starting with # are ignored); only these species are "
+        "reported, and an entry that matches no label is an error",
+    )
+    parser.add_argument(
+        "--model", type=pathlib.Path,
+        help="another TFLite classifier (input [1, 144000] float32 at 48 kHz, ending in a "
+        "FULLY_CONNECTED layer that outputs logits); needs --labels (default: BirdNET V2.4)",
+    )
+    parser.add_argument(
+        "--labels", type=pathlib.Path,
+        help="labels file for --model, one Scientific name_Common name per line; with the "
+        "default model it replaces BirdNET's labels (for example a translated file)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=ANALYZE_BATCH_SIZE,
+        help=f"windows per model call (default {ANALYZE_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="LiteRT threads (default: the number of cores, at most 4)",
+    )
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Check options again, for callers that build the Namespace without argparse."""
+    try:
+        _check_range("--min-conf", args.min_conf, 0.0, 1.0)
+        _check_range("--sensitivity", args.sensitivity, MIN_SENSITIVITY, MAX_SENSITIVITY)
+        _check_range("--overlap", args.overlap, 0.0, audio.WINDOW_SECONDS, high_inclusive=False)
+    except argparse.ArgumentTypeError as error:
+        raise AnalyzeError(str(error)) from None
+    if args.batch_size < 1:
+        raise AnalyzeError(f"--batch-size {args.batch_size} is invalid: use 1 or more")
+    if args.threads is not None and args.threads < 1:
+        raise AnalyzeError(f"--threads {args.threads} is invalid: use 1 or more")
+    if args.model is not None and args.labels is None:
+        raise AnalyzeError(f"--model {args.model} needs --labels with one label per output class")
+    if not args.out.parent.is_dir():
+        raise AnalyzeError(f"--out {args.out}: folder {args.out.parent} does not exist")
+
+
+def load_classifier(
+    model_path: pathlib.Path | None = None,
+    labels_path: pathlib.Path | None = None,
+    num_threads: int | None = None,
+) -> tuple[Backbone, LinearHead]:
+    """Load a classifier split into a backbone and a linear head (BirdNET V2.4 by default).
+
+    A labels file without a model relabels BirdNET V2.4, for example with
+    one of its translated labels files.
+
+    Raises:
+        AnalyzeError: a file cannot be read, the model does not end in a
+            FULLY_CONNECTED layer or does not take 3 s of 48 kHz audio, or
+            its labels do not match its classes.
+    """
+    if model_path is None and labels_path is not None:
+        model_path = birdnet.locate_birdnet_files().model
+    try:
+        model = load_source_model(model_path, labels_path)
+    except (OSError, ValueError) as error:
+        raise AnalyzeError(f"cannot load the model: {error}") from error
+    except Exception as error:  # the flatbuffers reader raises struct.error and others on non-TFLite files
+        raise AnalyzeError(f"{model_path} is not a readable TFLite model ({type(error).__name__}: {error})") from error
+
+    backbone = Backbone(model.backbone, num_threads=num_threads)
+    if backbone.window_samples != audio.WINDOW_SAMPLES:
+        raise AnalyzeError(
+            f"model {model_path} takes {backbone.window_samples} samples per window, but the "
+            f"front end cuts {audio.WINDOW_SAMPLES} (3 s at 48 kHz)"
+        )
+    _LOGGER.info("loaded %s: %d classes", model_path or "BirdNET V2.4", len(model.head.labels))
+    return backbone, model.head
+
+
+def _read_species_file(path: pathlib.Path, labels: Sequence[str]) -> list[str]:
+    try:
+        return species_from_file(path, labels)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise AnalyzeError(f"--species-file {path}: {error}") from error
+
+
+def _expected_windows(paths: Sequence[pathlib.Path], overlap_s: float) -> int | None:
+    """Estimate the number of windows from file headers, for the progress bar."""
+    total = 0
+    for path in paths:
+        duration_s = audio.audio_duration(path)
+        if duration_s is not None:
+            total += audio.count_windows(round(duration_s * audio.SAMPLE_RATE), overlap_s)
+    return total or None
+
+
+def _progress_bar(total: int | None):
+    """Return a tqdm bar on stderr, or None when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="window", file=sys.stderr)
+
+
+def _write_csv(path: pathlib.Path, detections: list[Detection]) -> None:
+    """Write the rows to a temporary file and rename it, so a crash leaves no half CSV."""
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(CSV_COLUMNS)
+        for detection in detections:
+            scientific, common = birdnet.split_label(detection.label)
+            writer.writerow([
+                str(round(detection.start_s, 3)),
+                str(round(detection.end_s, 3)),
+                scientific,
+                common,
+                f"{detection.confidence:.4f}",
+                detection.file,
+            ])
+    os.replace(partial, path)
+
+
+def analyze_files(
+    source: audio.FileSource,
+    pipeline: InferencePipeline,
+    min_confidence: float,
+    sensitivity: float,
+    progress=None,
+) -> list[Detection]:
+    """Score every window of ``source`` and return the rows at or above ``min_confidence``, sorted."""
+    detections: list[Detection] = []
+    for batch in pipeline.run(source):
+        confidences = sigmoid(batch.logits, sensitivity)  # [windows, K] float64
+        rows, classes = np.nonzero(confidences >= min_confidence)
+        for row, label_index in zip(rows.tolist(), classes.tolist()):
+            window = batch.windows[row]
+            detections.append(Detection(
+                file=window.source,
+                start_s=round(window.offset_s, 6),
+                end_s=round(window.offset_s + window.duration_s, 6),
+                label=batch.head.labels[label_index],
+                confidence=float(confidences[row, label_index]),
+            ))
+        if progress is not None:
+            progress.update(len(batch.windows))
+
+    detections.sort(key=lambda d: (d.file, d.start_s, -d.confidence, d.label))
+    return detections
+
+
+def run(args: argparse.Namespace) -> int:
+    """Analyse the files named in ``args`` and write the CSV; return the exit code.
+
+    Returns 0 if at least one file was analysed, 2 if none was or an option
+    or model file is invalid. Unreadable files are logged and skipped.
+    """
+    try:
+        _validate(args)
+        backbone, head = load_classifier(args.model, args.labels, args.threads)
+        if args.species_file is not None:
+            head = head.select(_read_species_file(args.species_file, head.labels))
+    except AnalyzeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+    source = audio.FileSource(args.paths, overlap_s=args.overlap)
+    pipeline = InferencePipeline(backbone, head, batch_size=args.batch_size)
+    progress = _progress_bar(_expected_windows(audio.find_audio_files(args.paths), args.overlap))
+    try:
+        detections = analyze_files(source, pipeline, args.min_conf, args.sensitivity, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+
+    print(
+        f"analysed {source.files_read} file(s), {source.files_rejected} unreadable; "
+        f"{pipeline.windows_scored} windows, {len(detections)} rows with confidence >= "
+        f"{args.min_conf}",
+        file=sys.stderr,
+    )
+    if source.files_read == 0:
+        print("error: no file could be analysed, so no CSV was written", file=sys.stderr)
+        return EXIT_FAILED
+
+    _write_csv(args.out, detections)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for ``python -m dawnchorus.edge.analyze``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dawnchorus.edge.analyze",
+        description="Detect bird species in audio files with BirdNET and write a CSV.",
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
