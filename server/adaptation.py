@@ -18,7 +18,6 @@ import time
 import numpy as np
 
 from dawnchorus.models.head import LinearHead, sigmoid
-from dawnchorus.models.notela import HeadTrainer, notela_targets
 from dawnchorus.server.buffer import NeighbourBuffer
 
 _LOGGER = logging.getLogger(__name__)
@@ -154,6 +153,10 @@ class SiteAdapter:
     """Streaming NOTELA state of one site. Not thread-safe: one worker thread drives it."""
 
     def __init__(self, site: str, source_head: LinearHead, config: AdaptationConfig, seed: int = 0):
+        # TensorFlow loads here, not at import, so that the command line can read
+        # AdaptationConfig's defaults without it.
+        from dawnchorus.models.notela import HeadTrainer
+
         self.site = site
         self.config = config
         self.source_head = source_head
@@ -188,6 +191,8 @@ class SiteAdapter:
         embeddings = self.buffer.embeddings
         neighbours = self.buffer.mutual_neighbours()
         neighbours_s = time.perf_counter() - started
+
+        from dawnchorus.models.notela import notela_targets
 
         teacher_logits = self.trainer.logits(embeddings)
         targets = notela_targets(teacher_logits, neighbours, lam=config.lam, alpha=config.alpha)

@@ -161,8 +161,10 @@ class BaseStation:
     # MQTT ------------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
+        # A persistent session: the broker queues recorders' QoS 1 messages while the
+        # station is down and delivers them when it reconnects with the same client id.
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.config.client_id,
-                             clean_session=True)
+                             clean_session=False)
         if self.config.username is not None:
             client.username_pw_set(self.config.username, self.config.password)
         client.reconnect_delay_set(min_delay=1, max_delay=30)

@@ -36,6 +36,11 @@ def test_recorder_imports_no_tensorflow():
     assert "keras" not in loaded
 
 
+def test_command_line_parser_imports_no_tensorflow():
+    loaded = _modules_loaded_by("from dawnchorus.cli import build_parser\nbuild_parser()")
+    assert "tensorflow" not in loaded
+
+
 def _imported_modules(folder: str) -> dict[str, set[str]]:
     found = {}
     for path in (REPO / folder).rglob("*.py"):

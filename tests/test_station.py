@@ -4,6 +4,7 @@ and the collapse guard."""
 from __future__ import annotations
 
 import time
+import uuid
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -44,7 +45,7 @@ def _wait(condition, timeout: float = 20.0) -> bool:
 def station(mosquitto, source, tmp_path):
     config = StationConfig(
         broker_host=mosquitto.host, broker_port=mosquitto.port, state_dir=tmp_path,
-        shard=Shard(2, 4), client_id="test-station",
+        shard=Shard(2, 4), client_id=f"test-station-{uuid.uuid4().hex[:8]}",
         adaptation=AdaptationConfig(buffer_capacity=100, update_interval=1000, min_buffer=10),
     )
     base = BaseStation(config, source.head, lambda site: LABELS)
@@ -167,3 +168,23 @@ def test_collapse_guard_blocks_nan():
     source = np.zeros((2, 2))
     candidate = np.array([[np.nan, 0.0], [0.0, 0.0]])
     assert not check_collapse(source, candidate, config).accepted
+
+
+def test_station_receives_messages_sent_while_down(mosquitto, source, publisher, embeddings, tmp_path):
+    config = StationConfig(
+        broker_host=mosquitto.host, broker_port=mosquitto.port, state_dir=tmp_path,
+        client_id=f"test-station-{uuid.uuid4().hex[:8]}",
+        adaptation=AdaptationConfig(buffer_capacity=100, update_interval=1000, min_buffer=10),
+    )
+    first = BaseStation(config, source.head, lambda site: LABELS)
+    first.start()
+    assert first.connected.wait(20)
+    first.stop()
+
+    _send(publisher, "site-offline", "rec-1", embeddings[:8], first=0)
+    second = BaseStation(config, source.head, lambda site: LABELS)
+    second.start()
+    try:
+        assert _wait(lambda: second.counters["embeddings"] == 8)
+    finally:
+        second.stop()
