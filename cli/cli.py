@@ -263,18 +263,20 @@ def species_resolver(args: argparse.Namespace, labels: list[str], range_model: p
     return species_for_site
 
 
-def start_station(
+def build_station(
     args: argparse.Namespace,
     state_dir: pathlib.Path,
     broker: tuple[str, int],
     credentials: tuple[str | None, str | None] = (None, None),
     on_detection=None,
+    model=None,
 ):
+    """Create a base station from the command line; species lists are checked here, before it starts."""
     from dawnchorus.models import birdnet
     from dawnchorus.models.backbone import load_source_model
     from dawnchorus.server.station import BaseStation, Shard, StationConfig
 
-    model = load_source_model(args.model, args.labels)
+    model = model or load_source_model(args.model, args.labels)
     range_model = None if args.model else birdnet.locate_birdnet_files().range_model
     species_for_site = species_resolver(args, model.head.labels, range_model)
     shard = Shard.parse(getattr(args, "shard", "1/1"))
@@ -284,13 +286,12 @@ def start_station(
         state_dir=state_dir, shard=shard,
         adaptation=adaptation_from_args(args), client_id=f"dawnchorus-base-station-{shard.index}-of-{shard.count}",
     )
-    station = BaseStation(config, model.head, species_for_site, on_detection)
-    station.start()
-    return station
+    return BaseStation(config, model.head, species_for_site, on_detection)
 
 
 def run_server(args: argparse.Namespace) -> int:
-    station = start_station(args, args.state_dir, args.broker, mqtt_credentials(args))
+    station = build_station(args, args.state_dir, args.broker, mqtt_credentials(args))
+    station.start()
     _run_until_signal(station.stop)
     return 0
 

@@ -15,12 +15,14 @@ import collections
 import json
 import logging
 import pathlib
+import shutil
 import sys
 import tempfile
 import threading
 import time
 
-from dawnchorus.cli import add_species_arguments, adaptation_arguments, broker_address, probability, start_station
+from dawnchorus.cli import (add_species_arguments, adaptation_arguments, broker_address, build_station,
+                            probability, sensitivity)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -40,8 +42,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replay speed, times real time; 0 is as fast as possible (default %(default)s)")
     parser.add_argument("--min-conf", type=probability, default=0.5,
                         help="detection threshold (default %(default)s)")
+    parser.add_argument("--sensitivity", type=sensitivity, default=1.0,
+                        help="BirdNET sigmoid sensitivity, 0.5 to 1.5 (default %(default)s)")
+    parser.add_argument("--overlap", type=float, default=0.0, help="window overlap in seconds, 0 to <3")
     parser.add_argument("--state-dir", type=pathlib.Path, default=None,
-                        help="keep the registry, detection log and head stores here (default: a temporary folder)")
+                        help="keep the registry, detection log and head stores here (default: a temporary "
+                             "folder, deleted at the end)")
     parser.add_argument("--summary", type=pathlib.Path, default=None, help="write the summary as JSON here")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="give up waiting for heads after this many seconds (default %(default)s)")
@@ -122,35 +128,45 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
 
     groups = recorder_inputs(args.paths)
+    unknown_sites = [entry.partition("=")[0] for entry in args.site_species
+                     if entry.partition("=")[0] != args.site]
+    if unknown_sites:
+        raise ValueError(f"--site-species names site(s) {unknown_sites}, but the demo's recorders are all in "
+                         f"site {args.site!r}: use --site-species {args.site}=... or --site")
+
     started = time.monotonic()
+    temporary = args.state_dir is None
     state_dir = args.state_dir or pathlib.Path(tempfile.mkdtemp(prefix="dawnchorus-demo-"))
     feed = _TerminalFeed()
+    model = load_source_model(args.model, args.labels)
 
-    broker = None
-    if args.broker is None:
-        broker = EmbeddedBroker()
-        broker.start()
-        address = (broker.host, broker.port)
-    else:
-        address = args.broker
+    broker = EmbeddedBroker() if args.broker is None else None
+    address = (broker.host, broker.port) if broker is not None else args.broker
+    station = build_station(args, state_dir / "server", address, on_detection=feed, model=model)
+    site_head = model.head.select(station.species_for_site(args.site))
+    _LOGGER.info("site %s: recorders start on the source head over %d classes", args.site, len(site_head.labels))
 
-    station = start_station(args, state_dir / "server", address, on_detection=feed)
     recorders: list[Recorder] = []
     threads: list[threading.Thread] = []
     try:
+        if broker is not None:
+            broker.start()
+        station.start()
         if not station.connected.wait(30):
             raise TimeoutError(f"the base station could not connect to the broker at {address[0]}:{address[1]}")
-        model = load_source_model(args.model, args.labels)
+        # One LiteRT thread per recorder: interpreters side by side use the cores
+        # better than one interpreter with several threads.
         threads_per_recorder = 1 if len(groups) > 1 else None
         used: set[str] = set()
         for inputs in groups:
             config = RecorderConfig(
                 device=_device_name(inputs, used), site=args.site, broker_host=address[0],
                 broker_port=address[1], state_dir=state_dir / "edge", min_conf=args.min_conf,
+                sensitivity=args.sensitivity,
             )
-            source = FileSource(inputs, speed=args.speed or None)
+            source = FileSource(inputs, overlap_s=args.overlap, speed=args.speed or None)
             recorder = Recorder(config, Backbone(model.backbone, num_threads=threads_per_recorder),
-                                model.head, source)
+                                site_head, source)
             recorders.append(recorder)
             _LOGGER.info("recorder %s replays %s", config.device, ", ".join(map(str, inputs)))
         for recorder in recorders:
@@ -170,9 +186,11 @@ def run_demo(args: argparse.Namespace) -> int:
             broker.stop()
 
     summary = _summary(station, recorders, feed, time.monotonic() - started)
-    _print_summary(summary, state_dir)
+    _print_summary(summary, None if temporary else state_dir)
     if args.summary is not None:
         args.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    if temporary:
+        shutil.rmtree(state_dir, ignore_errors=True)
     return 0 if ok else 1
 
 
@@ -195,9 +213,16 @@ def _wait_for_adaptation(station, recorders, site: str, timeout: float) -> bool:
 
     _LOGGER.info("all %d windows received; running a final adaptation round", sent)
     station.request_flush()
+    while not station.flush_done.wait(0.2):
+        if time.monotonic() > deadline:
+            _LOGGER.error("demo timed out waiting for the final adaptation round")
+            return False
+    latest = station.views[site].latest_version
+    if latest == 0:
+        _LOGGER.error("site %s has no accepted head: the collapse guard blocked every candidate", site)
+        return False
     while True:
-        latest = station.views[site].latest_version
-        if latest > 0 and all(recorder.head_version == latest for recorder in recorders):
+        if all(recorder.head_version == latest for recorder in recorders):
             acked = {ack.device for ack in station.acks.values() if ack.accepted and ack.version == latest}
             if acked >= {recorder.config.device for recorder in recorders}:
                 return True
@@ -233,7 +258,7 @@ def _summary(station, recorders, feed: _TerminalFeed, wall_seconds: float) -> di
     }
 
 
-def _print_summary(summary: dict, state_dir: pathlib.Path) -> None:
+def _print_summary(summary: dict, state_dir: pathlib.Path | None) -> None:
     out = sys.stdout
     print("\n== dawnchorus demo summary ==", file=out)
     print(f"windows processed: {summary['windows']} in {summary['wall_seconds']:.1f} s", file=out)
@@ -243,8 +268,9 @@ def _print_summary(summary: dict, state_dir: pathlib.Path) -> None:
     if len(summary["detections"]) > 20:
         print(f"  ... and {len(summary['detections']) - 20} more species", file=out)
     for site, info in summary["sites"].items():
-        print(f"site {site}: {info['head_versions']} head versions, latest {info['latest_version']}, "
-              f"{info['rounds']} rounds, {info['blocked']} blocked by the collapse guard", file=out)
+        print(f"site {site}: head versions: {info['head_versions']}, latest {info['latest_version']}; "
+              f"adaptation rounds: {info['rounds']}, blocked by the collapse guard: {info['blocked']}", file=out)
     for device, info in summary["recorders"].items():
         print(f"recorder {device} (site {info['site']}) runs {info['head_version']}", file=out)
-    print(f"state, head registry and detection log: {state_dir}", file=out)
+    if state_dir is not None:
+        print(f"state, head registry and detection log: {state_dir}", file=out)

@@ -142,7 +142,7 @@ class BaseStation:
     ):
         self.config = config
         self.source_head = source_head
-        self._species_for_site = species_for_site
+        self.species_for_site = species_for_site
         self.registry = HeadRegistry(config.state_dir)
         self.feed = DetectionFeed(pathlib.Path(config.state_dir) / "detections.jsonl", on_detection)
         self.sites: dict[str, SiteAdapter] = {}
@@ -154,6 +154,7 @@ class BaseStation:
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._flush_requested = threading.Event()
+        self.flush_done = threading.Event()
         self._worker: threading.Thread | None = None
         self.connected = threading.Event()
         self._client = self._make_client()
@@ -208,7 +209,7 @@ class BaseStation:
         adapter = self.sites.get(site)
         if adapter is not None:
             return adapter
-        labels = self._species_for_site(site)
+        labels = self.species_for_site(site)
         adapter = SiteAdapter(site, self.source_head.select(labels), self.config.adaptation)
         latest = self.registry.latest_version(site)
         if latest:
@@ -337,6 +338,7 @@ class BaseStation:
                 if self._flush_requested.is_set():
                     self._flush_requested.clear()
                     self._run_rounds(flush=True)
+                    self.flush_done.set()
                 continue
             try:
                 self._handle(parsed, payload)
@@ -349,7 +351,12 @@ class BaseStation:
     # Lifecycle ---------------------------------------------------------------
 
     def request_flush(self) -> None:
-        """Run a round for every site with any new embeddings once the queue is idle."""
+        """Run a round for every site with any new embeddings once the queue is idle.
+
+        ``flush_done`` is set when those rounds have run (and their heads, if
+        accepted, are published).
+        """
+        self.flush_done.clear()
         self._flush_requested.set()
 
     def start(self) -> None:
