@@ -1,0 +1,1 @@
+"""Offline evaluation: labeled benchmark domains built from real recordings."""
