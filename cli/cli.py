@@ -296,10 +296,24 @@ def run_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "build":
+        from dawnchorus.evaluation.cli import run_build
+        return run_build(args)
+    if args.bench_command == "run":
+        from dawnchorus.evaluation.runner import run
+        return run(args)
+    from dawnchorus.evaluation.report import run_report
+    return run_report(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dawnchorus import __version__
     from dawnchorus.demo import add_demo_arguments
     from dawnchorus.edge import analyze
+    from dawnchorus.evaluation.cli import add_build_arguments
+    from dawnchorus.evaluation.report import add_report_arguments
+    from dawnchorus.evaluation.runner import add_run_arguments
 
     parser = argparse.ArgumentParser(
         prog="dawnchorus",
@@ -320,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze_parser = commands.add_parser("analyze", help="analyze files offline, write BirdNET-style CSV")
     analyze.add_arguments(analyze_parser)
+
+    bench = commands.add_parser("bench", help="adaptation benchmark on labeled domains")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    add_build_arguments(bench_commands.add_parser("build", help="build a domain's windows and embeddings"))
+    add_run_arguments(bench_commands.add_parser("run", help="run and score adaptation methods"))
+    add_report_arguments(bench_commands.add_parser("report", help="tables and plots from results JSON"))
     return parser
 
 
@@ -339,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "analyze":
             from dawnchorus.edge import analyze
             return analyze.run(args)
+        if args.command == "bench":
+            return run_bench(args)
     except (ValueError, OSError) as error:
         _LOGGER.error("%s", error)
         return 2

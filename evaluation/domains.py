@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import pathlib
 import re
 import time
@@ -470,8 +471,17 @@ def load_spec(path: str | pathlib.Path) -> DomainSpec:
 
 
 def default_data_root() -> pathlib.Path:
-    """Return ``<repository>/../shared/data``, the default root of the paths in specs."""
-    return pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    """Return the default root of the paths in specs.
+
+    $DAWNCHORUS_DATA if set, else ``../shared/data`` beside the repository
+    (for an editable install), else ``../shared/data`` from the working directory.
+    """
+    if "DAWNCHORUS_DATA" in os.environ:
+        return pathlib.Path(os.environ["DAWNCHORUS_DATA"])
+    beside_repository = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if beside_repository.is_dir():
+        return beside_repository
+    return pathlib.Path.cwd().parent / "shared" / "data"
 
 
 # ---------------------------------------------------------------------------
@@ -1132,10 +1142,13 @@ def read_manifest(folder: str | pathlib.Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line]
 
 
-def load_domain(spec_path: str | pathlib.Path, cache_dir: str | pathlib.Path,
+def load_domain(spec_path: str | pathlib.Path | DomainSpec, cache_dir: str | pathlib.Path,
                 data_root: str | pathlib.Path | None = None) -> Domain:
-    """Load a domain from the cache, building it first when missing or built from another spec."""
-    spec = load_spec(spec_path)
+    """Load a domain from the cache, building it first when missing or built from another spec.
+
+    ``spec_path`` is a spec file or an already parsed spec.
+    """
+    spec = spec_path if isinstance(spec_path, DomainSpec) else load_spec(spec_path)
     folder = pathlib.Path(cache_dir) / spec.name
     stats_path = folder / "stats.json"
     stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}

@@ -29,6 +29,7 @@ import numpy as np
 from dawnchorus.models.notela import HeadTrainer, notela_round
 import tensorflow as tf  # noqa: E402 (after notela, see above)
 
+from dawnchorus.evaluation import METHOD_NAMES
 from dawnchorus.models.head import LinearHead, sigmoid
 from dawnchorus.server.adaptation import AdaptationConfig, SiteAdapter, check_collapse
 from dawnchorus.server.buffer import NeighbourBuffer
@@ -619,6 +620,8 @@ _METHODS: dict[str, Callable[..., AdaptResult]] = {
 }
 
 METHODS = tuple(_METHODS)
+if METHODS != METHOD_NAMES:
+    raise ImportError(f"methods {METHODS} differ from dawnchorus.evaluation.METHOD_NAMES {METHOD_NAMES}")
 
 
 def adapt(method: str, source_head: LinearHead, embeddings: np.ndarray, hyper: dict | None = None,

@@ -32,7 +32,7 @@ def embeddings(source, data_dir):
     return Backbone(source.backbone).embed(audio[: 20 * 144_000].reshape(20, 144_000))
 
 
-def _wait(condition, timeout: float = 20.0) -> bool:
+def _wait(condition, timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -102,8 +102,10 @@ def test_station_rejects_bad_payloads_and_keeps_running(station, publisher, embe
     for topic, payload in bad:
         publisher.publish(topic, payload, qos=1).wait_for_publish(10)
     publisher.publish(topics.device_topic(site, "rec-1", "embeddings"), good, qos=1).wait_for_publish(10)
-    assert _wait(lambda: station.counters["embeddings"] == 3)
+    assert _wait(lambda: station.counters["embeddings"] == 3
+                 and station.counters["rejected_payloads"] >= len(bad), timeout=60), dict(station.counters)
     assert station.counters["rejected_payloads"] == len(bad)
+    assert station.counters["ingest_errors"] == 0
 
 
 def test_station_ignores_sites_of_other_shards(station, publisher, embeddings):
