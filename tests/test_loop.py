@@ -120,3 +120,50 @@ def test_demo_summary_against_mosquitto(mosquitto, data_dir, tmp_path):
         assert info["site"] == "demo"
         assert info["head_version"] == latest, device
     assert "== dawnchorus demo summary ==" in result.stdout
+
+
+def _retained_status(broker, topic: str, timeout: float = 5.0) -> dict | None:
+    import paho.mqtt.client as mqtt
+
+    received: list[bytes] = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_message = lambda c, u, message: received.append(message.payload)
+    client.connect(broker.host, broker.port)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    deadline = time.monotonic() + timeout
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.loop_stop()
+    client.disconnect()
+    return json.loads(received[-1]) if received and received[-1] else None
+
+
+@pytest.mark.slow
+def test_recorder_killed_status_goes_offline(mosquitto, data_dir, tmp_path):
+    topic = f"dawnchorus/v1/{SITE}/rec-will/status"
+    recorder = _dawnchorus("edge", "run", "--device", "rec-will", "--site", SITE, "--broker", mosquitto.address,
+                           "--input", str(data_dir / "soundscapes/opensoundscape/birds_10s.wav"), "--speed", "0",
+                           "--stay", "--state-dir", str(tmp_path), "--threads", "1", log=tmp_path / "rec.log")
+    try:
+        deadline = time.monotonic() + 120
+        status = None
+        while time.monotonic() < deadline:
+            status = _retained_status(mosquitto, topic, timeout=1.0)
+            if status and status["state"] == "online" and status["windows"] > 0:
+                break
+            assert recorder.poll() is None, (tmp_path / "rec.log").read_text()[-3000:]
+        assert status is not None
+        assert status["state"] == "online"
+        recorder.kill()
+        recorder.wait(timeout=10)
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = _retained_status(mosquitto, topic, timeout=1.0)
+            if status and status["state"] == "offline":
+                break
+        assert status["state"] == "offline"
+        assert status["device"] == "rec-will"
+    finally:
+        _stop(recorder)
