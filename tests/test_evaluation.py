@@ -178,11 +178,26 @@ def test_prior_shift_raises_bias_of_common_class():
     head = LinearHead(["Species 0_Bird 0"], np.array([[3.0]], np.float32),
                       np.array([math.log(source_prior / (1 - source_prior))], np.float32))
 
-    result = adapt("prior-shift", head, features, {"source_prior": source_prior})
+    result = adapt("prior-shift", head, features, {"source_prior": source_prior, "prior_shift_direction": "both"})
     adapted_prior = sigmoid(result.final_logits).mean()
 
     assert result.heads[0].bias[0] > head.bias[0]
     assert abs(adapted_prior - 0.3) < 0.03
+
+
+def test_prior_shift_down_only_lowers_biases():
+    rng = np.random.default_rng(2)
+    labels = rng.uniform(size=(2000, 2)) < np.array([0.3, 0.0])
+    features = (np.where(labels, 1.5, -1.5) + rng.normal(size=(2000, 2))).astype(np.float32)
+    source_prior = 0.01
+    bias = math.log(source_prior / (1 - source_prior))
+    head = LinearHead(["Species 0_Bird 0", "Species 1_Bird 1"], np.diag([3.0, 3.0]).astype(np.float32),
+                      np.array([bias, bias], np.float32))
+
+    result = adapt("prior-shift", head, features, {"source_prior": source_prior})
+
+    assert result.heads[0].bias[0] == pytest.approx(head.bias[0])
+    assert result.heads[0].bias[1] < head.bias[1]
 
 
 @pytest.mark.parametrize("method", METHODS)
