@@ -46,6 +46,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_SPEC = REPO / "benchmarks" / "domains" / "western-north-america.toml"
 METHOD = "notela-streaming"
+STREAMING_METHODS = ("notela-streaming", "notela-streaming-source-teacher")
 
 _LOGGER = logging.getLogger("long_stream")
 
@@ -311,8 +312,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="mixed domain spec (TOML) that each pass redraws (default %(default)s)")
     parser.add_argument("--passes", type=int, default=10,
                         help="passes, each the spec built with the next seed (default %(default)s)")
+    parser.add_argument("--method", choices=STREAMING_METHODS, default=METHOD,
+                        help="streaming method and hyperparameter table (default %(default)s)")
     parser.add_argument("--method-seeds", type=int, default=2,
-                        help="runs of notela-streaming over the stream, seeds 0, 1, ... (default %(default)s)")
+                        help="runs of the method over the stream, seeds 0, 1, ... (default %(default)s)")
     parser.add_argument("--hyperparameters", type=pathlib.Path, default=DEFAULT_HYPERPARAMETERS,
                         help="TOML with a [notela-streaming] table; when the file is missing the defaults of "
                              "MethodSettings apply (default %(default)s)")
@@ -343,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     from dawnchorus.models.backbone import load_source_model
 
     hyperparameters_found = args.hyperparameters.is_file()
-    settings = method_settings(load_hyperparameters(args.hyperparameters), METHOD, quick=False)
-    settings_source = (f"[{METHOD}] and [default] of {args.hyperparameters}" if hyperparameters_found
+    settings = method_settings(load_hyperparameters(args.hyperparameters), args.method, quick=False)
+    settings_source = (f"[{args.method}] and [default] of {args.hyperparameters}" if hyperparameters_found
                        else f"MethodSettings defaults ({args.hyperparameters} not found)")
     _LOGGER.info("settings from %s: %s", settings_source, settings)
 
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for seed in range(args.method_seeds):
         run_started = time.monotonic()
-        result = adapt(METHOD, source_head, stream.embeddings, settings, seed)
+        result = adapt(args.method, source_head, stream.embeddings, settings, seed)
         adapt_seconds = time.monotonic() - run_started
         analysis = analyse_run(result, stream, source_head, settings, args.threshold)
         analysis.update(seed=seed, adapt_seconds=round(adapt_seconds, 1))
@@ -371,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     total_seconds = time.monotonic() - started
     print(f"## Long stream: {args.spec.stem} x {len(stream.names)} passes ({len(stream.embeddings)} windows), "
-          f"{METHOD}, {len(runs)} method seed(s)")
+          f"{args.method}, {len(runs)} method seed(s)")
     print()
     print(f"Settings from {settings_source}: {json.dumps(settings, sort_keys=True)}")
     print(f"Passes: {', '.join(stream.names)}")

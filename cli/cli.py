@@ -104,6 +104,10 @@ def adaptation_arguments(parser: argparse.ArgumentParser, defaults) -> None:
                        help="student Adam learning rate (default %(default)s)")
     group.add_argument("--precision", choices=("fp16", "fp32"), default=defaults.precision,
                        help="precision of pushed heads (default %(default)s)")
+    group.add_argument("--teacher", choices=("source", "current"), default=defaults.teacher,
+                       help="head that computes the pseudo-labels: the source head every round, or the "
+                            "current head as in published NOTELA, which drifts on long streams "
+                            "(default %(default)s)")
 
 
 def adaptation_from_args(args: argparse.Namespace):
@@ -112,7 +116,7 @@ def adaptation_from_args(args: argparse.Namespace):
     return AdaptationConfig(
         buffer_capacity=args.buffer, update_interval=args.update_interval,
         min_buffer=min(args.min_buffer, args.buffer), steps=args.steps,
-        learning_rate=args.learning_rate, precision=args.precision,
+        learning_rate=args.learning_rate, precision=args.precision, teacher=args.teacher,
     )
 
 

@@ -85,6 +85,9 @@ class MethodSettings:
         buffer_capacity: notela-streaming: the rolling buffer's capacity.
         min_buffer: notela-streaming: windows needed before the first round.
         round_steps: notela-streaming: student steps per round.
+        streaming_teacher: notela-streaming: "current" (NOTELA's own head as the
+            teacher) or "source" (the source head as the teacher every round).
+            The variant notela-streaming-source-teacher sets "source".
     """
 
     learning_rate: float = 1e-3
@@ -112,6 +115,7 @@ class MethodSettings:
     buffer_capacity: int = 20_000
     min_buffer: int = 64
     round_steps: int = 8
+    streaming_teacher: str = "current"
 
     def __post_init__(self):
         checks = [
@@ -224,6 +228,7 @@ def _guard_config(settings: MethodSettings) -> AdaptationConfig:
         steps=settings.round_steps,
         batch_size=settings.batch_size,
         train_affine=settings.train_affine,
+        teacher=settings.streaming_teacher,
     )
 
 
@@ -349,7 +354,15 @@ def _run_notela_streaming(source_head, embeddings, settings, seed, recorder: _Ep
         run_round()
 
     final = logits_by_round[-1] if logits_by_round else recorder.source_logits
-    return AdaptResult("notela-streaming", logits_by_round, final, heads, blocked, online, stats)
+    return AdaptResult(recorder.method, logits_by_round, final, heads, blocked, online, stats)
+
+
+def _run_notela_streaming_source_teacher(source_head, embeddings, settings, seed,
+                                         recorder: _EpochRecorder) -> AdaptResult:
+    """Streaming NOTELA whose pseudo-labels come from the source head in every round."""
+    settings = dataclasses.replace(settings, streaming_teacher="source")
+    recorder.config = _guard_config(settings)
+    return _run_notela_streaming(source_head, embeddings, settings, seed, recorder)
 
 
 # --- Methods with their own losses, trained on HeadTrainer's variables. ---
@@ -619,6 +632,7 @@ _METHODS: dict[str, Callable[..., AdaptResult]] = {
     "prior-shift": _run_prior_shift,
     "notela": _run_notela_offline,
     "notela-streaming": _run_notela_streaming,
+    "notela-streaming-source-teacher": _run_notela_streaming_source_teacher,
     "dropout-student": _run_dropout_student,
     "pseudo-label": _run_pseudo_label,
     "tent": _run_tent,

@@ -157,6 +157,7 @@ class BaseStation:
         self.flush_done = threading.Event()
         self._worker: threading.Thread | None = None
         self.connected = threading.Event()
+        self._subscribe_mid: int | None = None
         self._client = self._make_client()
 
     # MQTT ------------------------------------------------------------------
@@ -170,6 +171,7 @@ class BaseStation:
             client.username_pw_set(self.config.username, self.config.password)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
@@ -178,10 +180,22 @@ class BaseStation:
         if reason_code.is_failure:
             _LOGGER.error("base station: broker refused the connection: %s", reason_code)
             return
-        for kind in topics.DEVICE_KINDS:
-            client.subscribe(topics.device_wildcard(kind), qos=1)
+        result, self._subscribe_mid = client.subscribe(
+            [(topics.device_wildcard(kind), 1) for kind in topics.DEVICE_KINDS])
+        if result != mqtt.MQTT_ERR_SUCCESS:
+            _LOGGER.error("base station: subscribing failed: %s", mqtt.error_string(result))
         _LOGGER.info("base station connected to %s:%d (shard %d/%d)", self.config.broker_host,
                      self.config.broker_port, self.config.shard.index, self.config.shard.count)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if mid != self._subscribe_mid:
+            return
+        failed = [code for code in reason_codes if code.is_failure]
+        if failed:
+            _LOGGER.error("base station: the broker refused subscriptions: %s", failed)
+            return
+        # Only now does the broker route recorders' messages to this station.
+        _LOGGER.info("base station ready: subscribed to the recorders' topics")
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:

@@ -52,7 +52,7 @@ def test_loop_processes_push_and_ack_head(mosquitto, data_dir, tmp_path):
         "--buffer", "1000", log=tmp_path / "server.log",
     )
     deadline = time.monotonic() + 120
-    while "base station connected" not in (tmp_path / "server.log").read_text():
+    while "base station ready" not in (tmp_path / "server.log").read_text():
         assert time.monotonic() < deadline, "the base station did not connect within 120 s"
         assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
         time.sleep(0.5)
