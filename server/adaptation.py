@@ -52,7 +52,7 @@ class AdaptationConfig:
             NOTELA does; "source" computes them from the source head every round.
             With "current", each round lowers the targets of every class that the
             neighbours score below 0.5 by up to lambda again, so the offsets add
-            up over a long stream; with "source" they cannot exceed lambda.
+            up over a long stream. With "source" they cannot exceed lambda.
     """
 
     buffer_capacity: int = 20_000
@@ -99,7 +99,7 @@ class AdaptationConfig:
 
 @dataclasses.dataclass
 class GuardDecision:
-    """What the collapse guard decided about a candidate head, and the numbers behind it."""
+    """The collapse guard's decision on a candidate head, and the numbers behind it."""
 
     accepted: bool
     reason: str

@@ -54,7 +54,7 @@ class Shard:
             raise ValueError(f"invalid shard {text!r}: expected INDEX/COUNT such as 2/4 ({error})") from None
 
     def owns(self, site: str) -> bool:
-        """Whether this shard owns ``site``; crc32 is stable across processes and Python versions."""
+        """Return whether this shard owns ``site``. CRC-32 is stable across processes and Python versions."""
         return zlib.crc32(site.encode()) % self.count == self.index - 1
 
 
@@ -113,7 +113,7 @@ class StationConfig:
 
 @dataclasses.dataclass
 class SiteView:
-    """What the station knows of one site, for summaries and the live view."""
+    """The station's view of one site, for summaries and the live view."""
 
     latest_version: int = 0
     blocked: int = 0
