@@ -207,16 +207,14 @@ class SiteAdapter:
 
         from dawnchorus.models.notela import notela_targets
 
-        if config.teacher == "source":
-            teacher_logits = self.source_head.logits(embeddings)
-        else:
-            teacher_logits = self.trainer.logits(embeddings)
+        source_logits = self.source_head.logits(embeddings)
+        teacher_logits = source_logits if config.teacher == "source" else self.trainer.logits(embeddings)
         targets = notela_targets(teacher_logits, neighbours, lam=config.lam, alpha=config.alpha)
         teacher_s = time.perf_counter() - started - neighbours_s
 
         loss = self.trainer.fit(embeddings, targets, steps=config.steps, batch_size=config.batch_size)
         candidate = self.trainer.export_head(version)
-        decision = check_collapse(self.source_head.logits(embeddings), candidate.logits(embeddings), config)
+        decision = check_collapse(source_logits, candidate.logits(embeddings), config)
         total_s = time.perf_counter() - started
 
         has_neighbour = (neighbours >= 0).any(axis=1)
