@@ -1,11 +1,12 @@
-"""Over-the-air heads on a recorder: verification, the on-disk store and rollback.
+"""Over-the-air heads on a recorder: verification and the on-disk store.
 
-A head is accepted only if its blob matches the manifest's sha256 and size,
-loads in a fresh LiteRT interpreter, reproduces the base station's outputs on
-the manifest's probe windows, and gives finite scores of the right shape on
-the recorder's own reference batch. The store keeps the running head and the
-one before it; every write goes to a temporary file that is renamed into
-place, so a recorder killed mid-write restarts on a complete head.
+A head is accepted only if its blob matches the manifest's sha256 and size
+and loads in a fresh LiteRT interpreter. It must also reproduce the base
+station's outputs on the manifest's probe windows and give finite scores of
+the right shape on the recorder's own reference batch. The store keeps the
+running head and the one before it. Every write goes to a temporary file
+that is renamed into place, so a recorder killed mid-write restarts on a
+complete head.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ PROBE_RTOL = 1e-3
 
 
 class HeadRejected(Exception):
-    """A pushed head failed verification; the message says which check and why."""
+    """A pushed head failed verification. The message names the failed check and the reason."""
 
 
 @dataclasses.dataclass
@@ -67,7 +68,7 @@ def verify_head(
     if manifest.version <= running_version:
         raise HeadRejected(f"version {manifest.version} is not newer than the running version {running_version}")
     if len(blob) != manifest.size:
-        raise HeadRejected(f"blob is {len(blob)} bytes, manifest says {manifest.size} (truncated?)")
+        raise HeadRejected(f"blob is {len(blob)} bytes but the manifest gives {manifest.size}: truncated or invalid")
     digest = hashlib.sha256(blob).hexdigest()
     if digest != manifest.sha256:
         raise HeadRejected(f"blob sha256 {digest[:16]}... does not match manifest {manifest.sha256[:16]}...")

@@ -2,9 +2,9 @@
 
 Each (domain, method, seed) adapts the site head from the same source head
 (BirdNET's weights cut to the domain's classes) on the domain's embeddings in
-recording order, and is scored on the same windows: the setting of
-source-free, test-time adaptation, where the unlabeled target data are also
-the data to be labeled.
+recording order. It is scored on the same windows, as in source-free
+test-time adaptation, where the unlabeled target data are also the data to
+be labeled.
 """
 
 from __future__ import annotations

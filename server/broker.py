@@ -45,7 +45,7 @@ class EmbeddedBroker:
     def _run(self) -> None:
         from amqtt.broker import Broker
 
-        # amqtt logs every connection at INFO; the demo's own log says what matters.
+        # amqtt logs every connection at INFO, which would bury the demo's own log.
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self._loop = asyncio.new_event_loop()

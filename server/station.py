@@ -1,10 +1,10 @@
 """The base station: ingests embeddings, adapts each site's head, publishes heads.
 
-paho's network thread only decodes and queues messages; one worker thread
-owns the sites (buffers, trainers) and does all adaptation and publishing,
-so no lock guards the adaptation state. Sites can be split across several
-base-station processes: each owns the sites that a stable hash of the site
-id assigns to its shard.
+paho's network thread only parses topics and queues messages. One worker
+thread owns the sites (buffers, trainers) and does all decoding, adaptation
+and publishing, so no lock guards the adaptation state. Sites can be split
+across several base-station processes, and each owns the sites that a
+stable hash of the site id assigns to its shard.
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ class Shard:
 
 
 class SequenceFilter:
-    """Remembers which sequence numbers of each device were accepted.
+    """Record of the sequence numbers accepted from each device.
 
-    Per device: every number below ``floor`` was seen, plus a set of numbers
-    above it; the set shrinks as the floor advances, so memory stays small
-    when numbers arrive roughly in order.
+    Per device, every number below ``floor`` was seen, and a set holds the
+    numbers seen above it. The set shrinks as the floor advances, so memory
+    stays small when numbers arrive roughly in order.
     """
 
     def __init__(self):
@@ -81,8 +81,9 @@ class SequenceFilter:
             above.discard(floor)
             floor += 1
         self._floor[device] = floor
-        # A device whose numbers skip (a crashed recorder skips a block) would keep
-        # the set growing; past 100,000 entries the floor jumps to the smallest one.
+        # A crashed recorder skips a block of numbers, which would keep the set
+        # growing. Past 100,000 entries the floor jumps to the smallest one, so a
+        # number in the skipped gap that still arrives later counts as a duplicate.
         if len(above) > 100_000:
             self._floor[device] = min(above)
             self.add(device, min(above))
