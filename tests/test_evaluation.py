@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dawnchorus.models.head import LinearHead, sigmoid
-from dawnchorus.evaluation.methods import METHODS, adapt, estimate_priors
+from dawnchorus.evaluation.methods import METHODS, adapt
+from dawnchorus.server.priors import estimate_priors
 from dawnchorus.evaluation.metrics import average_precision, class_map, evaluate, sample_map, top1_accuracy
 
 EMBEDDING_DIM = 1024
