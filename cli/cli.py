@@ -108,6 +108,9 @@ def adaptation_arguments(parser: argparse.ArgumentParser, defaults) -> None:
                        help="head that computes the pseudo-labels: the source head every round, or the "
                             "current head as in published NOTELA, which drifts on long streams "
                             "(default %(default)s)")
+    group.add_argument("--prior-shift", action=argparse.BooleanOptionalAction, default=defaults.prior_shift,
+                       help="lower the bias of each class that the site's windows suggest is absent, "
+                            "re-estimated every round (default: %(default)s)")
 
 
 def adaptation_from_args(args: argparse.Namespace):
@@ -117,6 +120,7 @@ def adaptation_from_args(args: argparse.Namespace):
         buffer_capacity=args.buffer, update_interval=args.update_interval,
         min_buffer=min(args.min_buffer, args.buffer), steps=args.steps,
         learning_rate=args.learning_rate, precision=args.precision, teacher=args.teacher,
+        prior_shift=args.prior_shift,
     )
 
 

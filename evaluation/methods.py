@@ -33,14 +33,9 @@ from dawnchorus.evaluation import METHOD_NAMES
 from dawnchorus.models.head import LinearHead, sigmoid
 from dawnchorus.server.adaptation import AdaptationConfig, SiteAdapter, check_collapse
 from dawnchorus.server.buffer import NeighbourBuffer
+from dawnchorus.server.priors import DIRECTIONS as PRIOR_DIRECTIONS, PRIOR_STRENGTH, prior_shift
 
 _LOGGER = logging.getLogger(__name__)
-
-# Number of BirdNET V2.4 classes. The prior-shift method assumes by default that
-# every class had the prior 1 / 6522 in BirdNET's training data, because the
-# training priors are not published with the model.
-BIRDNET_CLASSES = 6522
-
 
 @dataclasses.dataclass
 class MethodSettings:
@@ -70,16 +65,16 @@ class MethodSettings:
         dust_passes: dust: forward passes with dropout per epoch.
         dust_max_uncertainty: dust: windows whose dropout probabilities differ
             from the clean ones by more than this are left out of training.
-        source_prior: prior-shift: each class's prior in the source training data.
+        source_prior: prior-shift: each class's prior in the source training
+            data; None takes 1 / K for K site classes (see server/priors.py).
         prior_shift_direction: prior-shift: "both" applies the EM estimate as it is;
-            "down" only lowers biases. Raising a bias moves scores over the
-            recorders' fixed detection threshold: with the source prior at
-            1/6522, "both" cut precision at 0.5 to 2-4 % on the mixed domains.
-        prior_floor: prior-shift: estimated priors are clipped to
-            [prior_floor, 1 - prior_floor], so that a class absent from the
-            domain gets a finite bias.
+            "down" only lowers biases. Raising a bias moves bird-free windows
+            over the recorders' fixed detection threshold: "both" raised false
+            detections per hour from 8 to 72 on western North America.
+        prior_strength: prior-shift: weight of the source prior in EM, as a
+            share of the windows (``server.priors.estimate_priors``).
         em_iterations: prior-shift: maximum EM iterations.
-        em_tolerance: prior-shift: EM stops once no prior moves by more than this.
+        em_tolerance: prior-shift: EM stops once no prior's logit moves by more than this.
         chunk_size: notela-streaming: windows that arrive together, and the
             round interval U.
         buffer_capacity: notela-streaming: the rolling buffer's capacity.
@@ -88,6 +83,10 @@ class MethodSettings:
         streaming_teacher: notela-streaming: "current" (NOTELA's own head as the
             teacher) or "source" (the source head as the teacher every round).
             The variant notela-streaming-source-teacher sets "source".
+        streaming_prior_shift: notela-streaming: lower each class's bias by the
+            prior shift estimated on the buffer before each round
+            (``AdaptationConfig.prior_shift``). The variant
+            notela-streaming-prior-shift sets it, with the source teacher.
     """
 
     learning_rate: float = 1e-3
@@ -106,16 +105,17 @@ class MethodSettings:
     nrc_expanded_weight: float = 0.1
     dust_passes: int = 5
     dust_max_uncertainty: float = 0.1
-    source_prior: float = 1.0 / BIRDNET_CLASSES
+    source_prior: float | None = None
     prior_shift_direction: str = "down"
-    prior_floor: float = 1e-6
+    prior_strength: float = PRIOR_STRENGTH
     em_iterations: int = 1000
-    em_tolerance: float = 1e-9
+    em_tolerance: float = 1e-4
     chunk_size: int = 256
     buffer_capacity: int = 20_000
     min_buffer: int = 64
     round_steps: int = 8
     streaming_teacher: str = "current"
+    streaming_prior_shift: bool = False
 
     def __post_init__(self):
         checks = [
@@ -131,9 +131,9 @@ class MethodSettings:
             (0 <= self.nrc_expanded_weight <= 1, "nrc_expanded_weight must be in [0, 1]"),
             (self.dust_passes >= 1, "dust_passes must be at least 1"),
             (self.dust_max_uncertainty >= 0, "dust_max_uncertainty must be non-negative"),
-            (0 < self.source_prior < 1, "source_prior must be in (0, 1)"),
-            (self.prior_shift_direction in ("both", "down"), "prior_shift_direction must be 'both' or 'down'"),
-            (0 < self.prior_floor < 0.5, "prior_floor must be in (0, 0.5)"),
+            (self.source_prior is None or 0 < self.source_prior < 1, "source_prior must be None or in (0, 1)"),
+            (self.prior_shift_direction in PRIOR_DIRECTIONS, "prior_shift_direction must be 'down' or 'both'"),
+            (self.prior_strength >= 0, "prior_strength must be non-negative"),
             (self.em_iterations >= 1, "em_iterations must be at least 1"),
             (self.chunk_size >= 1, "chunk_size must be at least 1"),
             (self.round_steps >= 0, "round_steps must be non-negative"),
@@ -171,50 +171,6 @@ class AdaptResult:
     stats: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
-def _logit(probability: np.ndarray | float) -> np.ndarray:
-    probability = np.asarray(probability, dtype=np.float64)
-    return np.log(probability) - np.log1p(-probability)
-
-
-def estimate_priors(
-    logits: np.ndarray, source_prior: float | np.ndarray, iterations: int = 1000,
-    tolerance: float = 1e-9, floor: float = 1e-6,
-) -> np.ndarray:
-    """Estimate each class's prior on the target windows by EM (Saerens, Latinne and Decaestecker, 2002).
-
-    Each class is a binary problem. With the source prior s and a current
-    estimate q, the E-step corrects every posterior by Bayes' rule for the new
-    prior, which in logit space adds ``logit(q) - logit(s)``. The M-step sets q
-    to the mean corrected posterior. EM starts from q = s.
-
-    Args:
-        logits: [windows, K] logits of the source head.
-        source_prior: a float or [K], each class's prior in the source training data.
-        iterations: maximum EM iterations.
-        tolerance: stop once no prior moves by more than this.
-        floor: priors are clipped to [floor, 1 - floor].
-    Returns:
-        [K] float64 estimated target priors.
-    """
-    logits = np.asarray(logits, dtype=np.float64)
-    if logits.ndim != 2 or logits.shape[0] == 0:
-        raise ValueError(f"logits must be [windows, K] with at least one window, got shape {logits.shape}")
-    source = np.broadcast_to(np.asarray(source_prior, dtype=np.float64), logits.shape[1:]).copy()
-    if not ((source > 0) & (source < 1)).all():
-        raise ValueError(f"source priors must be in (0, 1), got values from {source.min()} to {source.max()}")
-
-    priors = source.copy()
-    for iteration in range(iterations):
-        corrected = sigmoid(logits + (_logit(priors) - _logit(source)))
-        updated = np.clip(corrected.mean(axis=0), floor, 1.0 - floor)
-        change = float(np.abs(updated - priors).max())
-        priors = updated
-        if change <= tolerance:
-            break
-    _LOGGER.debug("prior EM stopped after %d iterations, last change %.3g", iteration + 1, change)
-    return priors
-
-
 def _guard_config(settings: MethodSettings) -> AdaptationConfig:
     return AdaptationConfig(
         buffer_capacity=settings.buffer_capacity,
@@ -229,6 +185,7 @@ def _guard_config(settings: MethodSettings) -> AdaptationConfig:
         batch_size=settings.batch_size,
         train_affine=settings.train_affine,
         teacher=settings.streaming_teacher,
+        prior_shift=settings.streaming_prior_shift,
     )
 
 
@@ -288,14 +245,11 @@ def _run_source(source_head, embeddings, settings, seed, recorder: _EpochRecorde
 
 
 def _run_prior_shift(source_head, embeddings, settings, seed, recorder: _EpochRecorder) -> AdaptResult:
-    priors = estimate_priors(recorder.source_logits, settings.source_prior, settings.em_iterations,
-                             settings.em_tolerance, settings.prior_floor)
-    shift = _logit(priors) - _logit(settings.source_prior)
-    if settings.prior_shift_direction == "down":
-        shift = np.minimum(shift, 0.0)
+    shift = prior_shift(recorder.source_logits, settings.source_prior, settings.prior_shift_direction,
+                        settings.prior_strength, settings.em_iterations, settings.em_tolerance)
     head = LinearHead(source_head.labels, source_head.weights,
                       (source_head.bias.astype(np.float64) + shift).astype(np.float32), source_head.version + 1)
-    recorder.record(head, {"mean_prior": float(priors.mean()), "mean_bias_shift": float(shift.mean())})
+    recorder.record(head, {"mean_bias_shift": float(shift.mean()), "min_bias_shift": float(shift.min())})
     return recorder.result()
 
 
@@ -357,12 +311,28 @@ def _run_notela_streaming(source_head, embeddings, settings, seed, recorder: _Ep
     return AdaptResult(recorder.method, logits_by_round, final, heads, blocked, online, stats)
 
 
-def _run_notela_streaming_source_teacher(source_head, embeddings, settings, seed,
-                                         recorder: _EpochRecorder) -> AdaptResult:
-    """Streaming NOTELA whose pseudo-labels come from the source head in every round."""
-    settings = dataclasses.replace(settings, streaming_teacher="source")
-    recorder.config = _guard_config(settings)
-    return _run_notela_streaming(source_head, embeddings, settings, seed, recorder)
+# Settings that make each streaming variant; every variant runs _run_notela_streaming.
+STREAMING_VARIANTS = {
+    "notela-streaming": {},
+    # Pseudo-labels from the source head in every round.
+    "notela-streaming-source-teacher": {"streaming_teacher": "source"},
+    # The same, from the prior-shifted source head, re-estimated on the buffer each round.
+    "notela-streaming-prior-shift": {"streaming_teacher": "source", "streaming_prior_shift": True},
+}
+
+
+def streaming_settings(method: str, settings: MethodSettings) -> MethodSettings:
+    """Return ``settings`` with the fields that make ``method`` one of ``STREAMING_VARIANTS``."""
+    return dataclasses.replace(settings, **STREAMING_VARIANTS[method])
+
+
+def _streaming_variant(method: str) -> Callable:
+    def run(source_head, embeddings, settings, seed, recorder: _EpochRecorder) -> AdaptResult:
+        settings = streaming_settings(method, settings)
+        recorder.config = _guard_config(settings)
+        return _run_notela_streaming(source_head, embeddings, settings, seed, recorder)
+    run.__doc__ = f"Run {method} through a real SiteAdapter."
+    return run
 
 
 # --- Methods with their own losses, trained on HeadTrainer's variables. ---
@@ -631,8 +601,7 @@ _METHODS: dict[str, Callable[..., AdaptResult]] = {
     "source": _run_source,
     "prior-shift": _run_prior_shift,
     "notela": _run_notela_offline,
-    "notela-streaming": _run_notela_streaming,
-    "notela-streaming-source-teacher": _run_notela_streaming_source_teacher,
+    **{name: _streaming_variant(name) for name in STREAMING_VARIANTS},
     "dropout-student": _run_dropout_student,
     "pseudo-label": _run_pseudo_label,
     "tent": _run_tent,

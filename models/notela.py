@@ -116,8 +116,11 @@ class HeadTrainer:
     """The student: a linear head, optionally after a per-dimension affine on the
     embedding, trained with Adam and input dropout.
 
-    Its logits are ``(embeddings * scale + shift) @ weights.T + bias``. All
-    variables start from the source head, with ``scale = 1`` and ``shift = 0``.
+    Its logits are ``(embeddings * scale + shift) @ weights.T + bias + offset``.
+    All variables start from the source head, with ``scale = 1`` and ``shift = 0``.
+    ``offset`` is a fixed per-class logit offset, zero unless ``set_offset``
+    sets it (the base station puts the prior shift there). It is not trained
+    and not part of ``get_state``: the caller sets it again before each use.
 
     Attributes:
         labels: the K class labels of the source head.
@@ -125,6 +128,7 @@ class HeadTrainer:
         bias: [K] float32 variable.
         scale: [dim] float32 variable, or None without the affine.
         shift: [dim] float32 variable, or None without the affine.
+        offset: [K] float32 variable, not trained.
     """
 
     def __init__(
@@ -153,6 +157,7 @@ class HeadTrainer:
             self.scale = tf.Variable(tf.ones([dim]), name="scale")
             self.shift = tf.Variable(tf.zeros([dim]), name="shift")
         self._variables = [v for v in (self.weights, self.bias, self.scale, self.shift) if v is not None]
+        self.offset = tf.Variable(tf.zeros([classes]), trainable=False, name="offset")
 
         self._optimizer = tf.keras.optimizers.Adam(learning_rate)
         self._optimizer.build(self._variables)
@@ -177,7 +182,7 @@ class HeadTrainer:
     def _head_logits(self, embeddings: tf.Tensor) -> tf.Tensor:
         if self.scale is not None:
             embeddings = embeddings * self.scale + self.shift
-        return tf.matmul(embeddings, self.weights, transpose_b=True) + self.bias
+        return tf.matmul(embeddings, self.weights, transpose_b=True) + self.bias + self.offset
 
     def _step(self, embeddings: tf.Tensor, targets: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
         batch = tf.gather(embeddings, rows)
@@ -257,14 +262,22 @@ class HeadTrainer:
 
         return float(tf.reduce_mean(tf.stack(losses)).numpy())
 
-    def export_head(self, version: int) -> LinearHead:
-        """Return the trained head with the affine folded in.
+    def set_offset(self, offset: np.ndarray) -> None:
+        """Set the fixed per-class logit offset [K]; zeros remove it."""
+        offset = np.asarray(offset, dtype=np.float32)
+        if offset.shape != (len(self.labels),) or not np.isfinite(offset).all():
+            raise ValueError(f"offset must be [{len(self.labels)}] finite values, got shape {offset.shape}")
+        self.offset.assign(offset)
 
-        ``W' = W * scale`` and ``b' = b + W @ shift``, so a recorder runs one
-        linear layer. The fold is computed in float64, then stored as float32.
+    def export_head(self, version: int) -> LinearHead:
+        """Return the trained head with the affine and the offset folded in.
+
+        ``W' = W * scale`` and ``b' = b + W @ shift + offset``, so a recorder
+        runs one linear layer. The fold is computed in float64, then stored as
+        float32.
         """
         weights = self.weights.numpy().astype(np.float64)
-        bias = self.bias.numpy().astype(np.float64)
+        bias = self.bias.numpy().astype(np.float64) + self.offset.numpy().astype(np.float64)
         if self.scale is not None:
             bias = bias + weights @ self.shift.numpy().astype(np.float64)
             weights = weights * self.scale.numpy().astype(np.float64)[None, :]

@@ -19,6 +19,7 @@ import numpy as np
 
 from dawnchorus.models.head import LinearHead, sigmoid
 from dawnchorus.server.buffer import NeighbourBuffer
+from dawnchorus.server.priors import prior_shift
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -53,6 +54,12 @@ class AdaptationConfig:
             With "current", each round lowers the targets of every class that the
             neighbours score below 0.5 by up to lambda again, so the offsets add
             up over a long stream. With "source" they cannot exceed lambda.
+        prior_shift: before each round, lower each class's bias by the
+            training-free prior shift estimated on the buffer
+            (``server.priors.prior_shift``, source prior 1 / K, biases only
+            lowered). The shift is a fixed offset of the student, so the
+            student does not spend its steps learning it, and with the "source"
+            teacher the pseudo-labels start from the prior-shifted source head.
     """
 
     buffer_capacity: int = 20_000
@@ -78,6 +85,9 @@ class AdaptationConfig:
     # model while the guard passed every head. With the "source" teacher the head
     # stayed 1.4 to 2.1 points above the source on the first pass's windows.
     teacher: str = "source"
+    # On the two mixed benchmark domains this variant was ahead of the source
+    # model and of the prior shift alone in both mAP and cmAP.
+    prior_shift: bool = True
 
     def __post_init__(self):
         checks = [
@@ -208,7 +218,13 @@ class SiteAdapter:
         from dawnchorus.models.notela import notela_targets
 
         source_logits = self.source_head.logits(embeddings)
-        teacher_logits = source_logits if config.teacher == "source" else self.trainer.logits(embeddings)
+        reference_logits = source_logits
+        shift = np.zeros(len(self.source_head.labels))
+        if config.prior_shift:
+            shift = prior_shift(source_logits)
+            self.trainer.set_offset(shift)
+            reference_logits = (source_logits + shift).astype(np.float32)
+        teacher_logits = reference_logits if config.teacher == "source" else self.trainer.logits(embeddings)
         targets = notela_targets(teacher_logits, neighbours, lam=config.lam, alpha=config.alpha)
         teacher_s = time.perf_counter() - started - neighbours_s
 
@@ -224,6 +240,7 @@ class SiteAdapter:
             "mean_teacher_score": float(sigmoid(teacher_logits).mean()),
             "pseudo_label_top_changed": float((targets.argmax(axis=1) != teacher_top).mean()),
             "windows_with_mutual_neighbour": float(has_neighbour.mean()),
+            "mean_prior_shift": float(shift.mean()),
             "mean_mutual_neighbours": float((neighbours >= 0).sum(axis=1).mean()),
             "loss": float(loss),
             "neighbours_s": neighbours_s,

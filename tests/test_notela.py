@@ -257,3 +257,24 @@ def test_round_neighbours_change_top_class():
     )
 
     assert stats["top_class_changed"] == 0.5
+
+
+def test_trainer_offset_is_fixed_and_exported():
+    source = _random_head(4)
+    embeddings = _random_embeddings(64)
+    offset = np.array([0.0, -1.0, -2.5, 0.5], np.float32)
+    trainer = HeadTrainer(source, learning_rate=1e-2, train_affine=True)
+    trainer.set_offset(offset)
+
+    np.testing.assert_allclose(trainer.logits(embeddings), source.logits(embeddings) + offset, atol=1e-4)
+    trainer.fit(embeddings, np.full((64, 4), 0.2, np.float32), steps=5, batch_size=32)
+
+    np.testing.assert_array_equal(trainer.offset.numpy(), offset)
+    np.testing.assert_allclose(trainer.export_head(2).logits(embeddings), trainer.logits(embeddings), atol=1e-4)
+    assert "offset" not in trainer.get_state()
+
+
+def test_trainer_offset_rejects_wrong_shape():
+    trainer = HeadTrainer(_random_head(4))
+    with pytest.raises(ValueError, match="offset must be"):
+        trainer.set_offset(np.zeros(3))
