@@ -48,6 +48,26 @@ class AdaptationConfig:
         max_positive_ratio: block a head whose share of positive windows exceeds
             this multiple of the source head's plus 0.05 (everything detected is a
             collapse too).
+        max_detection_ratio: block a head whose detections per window (every
+            class at or above the threshold) exceed this multiple of the source
+            head's plus 0.05. The share of positive windows cannot pass 1, so
+            it misses a head that detects several classes in every window.
+            NRC at ten times its tuned learning rate did that on the western
+            North America benchmark domain. It reached 2 to 5 times the source
+            head's detections per window, and sample-wise mAP fell by up to
+            7.6 points. Its improving heads stayed at 1.5 and 2.4 times, and
+            pseudo-labelling's best head at 1.6 times.
+        min_confident_agreement: block a head whose top class agrees with the
+            source head's on less than this share of the windows where the
+            source head's top score reaches the threshold. The source head is
+            right on most of those (97.6 % and 90.2 % precision at 0.5 on the
+            mixed benchmark domains), so a head that changes many of them has
+            scrambled its ranking. At 100 times the tuned learning rates,
+            heads of offline NOTELA, Dropout Student, DUST and
+            pseudo-labelling lost 35 to 80 points of sample-wise mAP. Their
+            top scores and detection counts stayed near the source head's, so
+            only this check blocks them. The improving heads on both mixed
+            domains kept at least 0.917.
         precision: "fp16" or "fp32" for the pushed TFLite head.
         teacher: "current" computes pseudo-labels from the student's own head, as
             NOTELA does; "source" computes them from the source head every round.
@@ -79,6 +99,8 @@ class AdaptationConfig:
     min_top_score_ratio: float = 0.5
     min_positive_ratio: float = 0.25
     max_positive_ratio: float = 4.0
+    max_detection_ratio: float = 3.0
+    min_confident_agreement: float = 0.9
     precision: str = "fp16"
     # On a stream ten times the length of the western North America benchmark
     # domain, the "current" teacher drifted to 9.9 points of mAP below the source
@@ -135,6 +157,8 @@ def check_collapse(
         top = sigmoid(logits.max(axis=1))
         stats[f"{name}_mean_top_score"] = float(top.mean())
         stats[f"{name}_positive_rate"] = float((top >= config.detection_threshold).mean())
+        detected = sigmoid(logits) >= config.detection_threshold
+        stats[f"{name}_detections_per_window"] = float(detected.sum(axis=1).mean())
 
     source_top, candidate_top = stats["source_mean_top_score"], stats["candidate_mean_top_score"]
     source_rate, candidate_rate = stats["source_positive_rate"], stats["candidate_positive_rate"]
@@ -150,6 +174,20 @@ def check_collapse(
         return GuardDecision(False, (
             f"positive rate rose to {candidate_rate:.4f} from the source head's {source_rate:.4f} "
             f"(limit {config.max_positive_ratio:.1f}x + 0.05)"), stats)
+    confident = sigmoid(source_logits.max(axis=1)) >= config.detection_threshold
+    if confident.any():
+        agreement = float((candidate_logits[confident].argmax(axis=1) == source_logits[confident].argmax(axis=1)).mean())
+        stats["confident_agreement"] = agreement
+        if agreement < config.min_confident_agreement:
+            return GuardDecision(False, (
+                f"top class agrees with the source head's on {agreement:.3f} of the {int(confident.sum())} windows "
+                f"the source head detects something in (limit {config.min_confident_agreement:.2f})"), stats)
+    source_detections = stats["source_detections_per_window"]
+    candidate_detections = stats["candidate_detections_per_window"]
+    if candidate_detections > config.max_detection_ratio * source_detections + 0.05:
+        return GuardDecision(False, (
+            f"detections per window rose to {candidate_detections:.3f} from the source head's "
+            f"{source_detections:.3f} (limit {config.max_detection_ratio:.1f}x + 0.05)"), stats)
     return GuardDecision(True, "ok", stats)
 
 

@@ -159,6 +159,35 @@ def test_collapse_guard_blocks_everything_positive():
     assert "positive rate rose" in decision.reason
 
 
+def test_collapse_guard_blocks_many_detections_per_window():
+    # Every window already has a detection, so the share of positive windows
+    # cannot rise; a head that detects four classes in each window must still be blocked.
+    config = AdaptationConfig()
+    source = np.full((8, 4), -3.0)
+    source[:, 0] = 3.0
+    candidate = np.full_like(source, 3.0)
+    decision = check_collapse(source, candidate, config)
+    assert not decision.accepted
+    assert "detections per window rose to 4.000 from the source head's 1.000" in decision.reason
+    two = source.copy()
+    two[:, 1] = 3.0
+    assert check_collapse(source, two, config).accepted
+
+
+def test_collapse_guard_blocks_changed_top_class_on_confident_windows():
+    config = AdaptationConfig()
+    source = np.full((10, 3), -4.0)
+    source[:, 0] = 2.0
+    # The same scores, but the top class of 2 of the 10 confident windows moves to class 1.
+    candidate = source.copy()
+    candidate[:2, 1] = 3.0
+    decision = check_collapse(source, candidate, config)
+    assert not decision.accepted
+    assert "agrees with the source head's on 0.800 of the 10 windows" in decision.reason
+    candidate[1, 1] = -4.0
+    assert check_collapse(source, candidate, config).accepted
+
+
 def test_collapse_guard_accepts_small_change():
     config = AdaptationConfig()
     source = np.array([[3.0, -2.0], [2.0, -1.0], [-1.0, -3.0]])
