@@ -1,6 +1,6 @@
 """Find where streaming NOTELA's gain in sample-wise mAP comes from, and check the collapse guard.
 
-For each domain it prints six markdown tables:
+For each domain it prints eight markdown tables:
 
 1. per labeled species, the AP of the source head and of streaming NOTELA's
    final head, and the change of the class's bias and logits. The classes
@@ -13,12 +13,16 @@ For each domain it prints six markdown tables:
    species, against the same shares over all window pairs;
 5. a bias-only head (source weights, streaming NOTELA's biases) against the
    full adapted head;
-6. the collapse guard's decision on every candidate head of every method.
+6. the collapse guard's decision on every candidate head of every method,
+   against whether the labels show that the head collapsed;
+7. the same at 10 and 100 times every tuned learning rate, to provoke collapses;
+8. offline NOTELA with a neighbour graph that never pairs two windows of one
+   background recording, against the normal graph.
 
 Settings come from benchmarks/hyperparameters.toml when it exists, else
 (or with ``--method-defaults``) from the defaults of ``MethodSettings``. For
-notela-streaming, table 6 checks every round's candidate, also the ones the
-adapter's own guard blocked. Run from the repository root:
+the streaming variants, tables 6 and 7 check every round's candidate, also
+the ones the adapter's own guard blocked. Run from the repository root:
 
     .venv/bin/python benchmarks/analysis.py
 """
@@ -34,7 +38,7 @@ import numpy as np
 
 # methods sets TensorFlow's log level before TensorFlow loads, so it comes first.
 # NOTE: _guard_config is private to methods. Table 6 imports it to check heads with the guard settings of adapt.
-from dawnchorus.evaluation.methods import MethodSettings, _guard_config, adapt
+from dawnchorus.evaluation.methods import STREAMING_VARIANTS, MethodSettings, _guard_config, adapt, streaming_settings
 from dawnchorus.evaluation import METHOD_NAMES
 from dawnchorus.evaluation.cli import DEFAULT_CACHE
 from dawnchorus.evaluation.domains import Domain, load_domain, read_manifest
@@ -42,14 +46,15 @@ from dawnchorus.evaluation.metrics import average_precision, class_map, detectio
 from dawnchorus.evaluation.runner import DEFAULT_HYPERPARAMETERS, load_hyperparameters, method_settings
 from dawnchorus.models.backbone import load_source_model
 from dawnchorus.models.head import LinearHead
+from dawnchorus.models.notela import HeadTrainer, notela_round
 from dawnchorus.server.adaptation import SiteAdapter, check_collapse
-from dawnchorus.server.buffer import NeighbourBuffer
+from dawnchorus.server.buffer import NeighbourBuffer, unit_vectors
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOMAINS = ("western-north-america", "europe")
 BUFFER_CAPACITIES = (256, 512, 1100)
 SNR_BINS = ((-math.inf, -6.0, "< -6 dB"), (-6.0, 0.0, "-6 to 0 dB"), (0.0, math.inf, ">= 0 dB"))
-# A head that passes the guard with sample-wise mAP this far below the source's counts as a missed collapse.
+# A head whose sample-wise mAP or cmAP is this far below the source's counts as collapsed.
 COLLAPSE_MAP_DROP = 0.05
 
 
@@ -186,6 +191,56 @@ def neighbour_table(domain: Domain, k: int, manifest_folder: pathlib.Path) -> No
     ])
 
 
+def mutual_without_same_background(embeddings: np.ndarray, background: np.ndarray, k: int) -> np.ndarray:
+    """Return mutual neighbours [windows, k - 1] by cosine similarity, never two windows of one background recording.
+
+    A brute-force search, enough for one domain of about a thousand windows.
+    """
+    units = unit_vectors(embeddings).astype(np.float64)
+    similarities = units @ units.T
+    similarities[background[:, None] == background[None, :]] = -np.inf
+    nearest = np.argsort(-similarities, axis=1, kind="stable")[:, : k - 1]
+    nearest = np.where(np.isfinite(np.take_along_axis(similarities, nearest, axis=1)), nearest, -1)
+    is_mutual = np.zeros(nearest.shape, dtype=bool)
+    for slot in range(k - 1):
+        column = nearest[:, slot]
+        valid = column >= 0
+        is_mutual[valid, slot] = (nearest[column[valid]] == np.flatnonzero(valid)[:, None]).any(axis=1)
+    order = np.argsort(~is_mutual, axis=1, kind="stable")
+    return np.take_along_axis(np.where(is_mutual, nearest, -1), order, axis=1).astype(np.int32)
+
+
+def background_graph_table(domain: Domain, source: LinearHead, tables: dict, seed: int) -> None:
+    """Print table 8: offline NOTELA with the normal neighbour graph and with same-background pairs removed."""
+    hyper = method_settings(tables, "notela", quick=False)
+    settings = MethodSettings(**hyper)
+    buffer = NeighbourBuffer(capacity=len(domain.embeddings), dim=domain.embeddings.shape[1], k=settings.k)
+    buffer.add(domain.embeddings)
+    labels = domain.labels.astype(np.int32)
+    rows = []
+    for name, neighbours in (
+        ("all pairs (as shipped)", buffer.mutual_neighbours()),
+        ("no pair from one background recording",
+         mutual_without_same_background(domain.embeddings, domain.background_recording, settings.k)),
+    ):
+        owners, slots = np.nonzero(neighbours >= 0)
+        partners = neighbours[owners, slots]
+        same_background = (domain.background_recording[owners] == domain.background_recording[partners]).mean()
+        both_labeled = ~domain.bird_free[owners] & ~domain.bird_free[partners]
+        shared_species = ((labels[owners] * labels[partners]).sum(axis=1) > 0)[both_labeled].mean()
+        trainer = HeadTrainer(source, learning_rate=settings.learning_rate, dropout_rate=settings.dropout_rate,
+                              train_affine=settings.train_affine, seed=seed)
+        steps = max(1, math.ceil(len(domain.embeddings) / settings.batch_size))
+        for _ in range(settings.epochs):
+            notela_round(trainer, domain.embeddings, neighbours, settings.lam, settings.alpha, steps,
+                         settings.batch_size)
+        scores = evaluate(trainer.logits(domain.embeddings), domain)
+        rows.append([name, len(owners) // 2, points(same_background), points(shared_species),
+                     points(scores["sample_map"]), points(scores["class_map"]), points(scores["recall"])])
+    print_table(["neighbour graph", "mutual pairs", "same background", "both labeled: a shared species",
+                 "NOTELA mAP", "cmAP", "recall"], rows)
+
+
 def bias_only_table(domain: Domain, source: LinearHead, adapted: LinearHead) -> None:
     """Print table 5: source-weight heads with changed biases against streaming NOTELA's head."""
     source_logits = source.logits(domain.embeddings)
@@ -204,13 +259,14 @@ def bias_only_table(domain: Domain, source: LinearHead, adapted: LinearHead) -> 
     print_table(["head", "mAP", "cmAP", "top-1", "false / h"], rows)
 
 
-def streaming_candidates(source: LinearHead, embeddings: np.ndarray, hyper: dict, seed: int) -> list:
-    """Run notela-streaming as ``adapt`` does and return every candidate head, blocked or not.
+def streaming_candidates(source: LinearHead, embeddings: np.ndarray, hyper: dict, seed: int,
+                         method: str = "notela-streaming") -> list:
+    """Run a streaming variant as ``adapt`` does and return every candidate head, blocked or not.
 
     Returns (candidate, accepted) pairs, where accepted is the guard's decision
     on the adapter's buffer, as on a base station.
     """
-    settings = MethodSettings(**hyper)
+    settings = streaming_settings(method, MethodSettings(**hyper))
     adapter = SiteAdapter("analysis", source, _guard_config(settings), seed=seed)
     candidates = []
     for start in range(0, len(embeddings), settings.chunk_size):
@@ -224,20 +280,27 @@ def streaming_candidates(source: LinearHead, embeddings: np.ndarray, hyper: dict
     return candidates
 
 
-def guard_table(domain: Domain, source: LinearHead, tables: dict, seed: int) -> None:
-    """Print table 6: the guard's decision on every candidate head against its mAP and cmAP."""
+def guard_table(domain: Domain, source: LinearHead, tables: dict, seed: int, learning_rate_factor: float = 1.0) -> None:
+    """Print table 6: the guard's decision on every candidate head against its mAP and cmAP.
+
+    A candidate counts as collapsed when its sample-wise mAP or its cmAP is
+    more than ``COLLAPSE_MAP_DROP`` below the source head's: the labels
+    decide, not the guard's own statistics. ``learning_rate_factor``
+    multiplies every method's tuned learning rate, to provoke collapses.
+    """
     source_logits = source.logits(domain.embeddings)
     source_map = sample_map(source_logits, domain.labels)
     source_cmap = class_map(source_logits, domain.labels)[0]
     rows, flagged = [], []
     for method in METHOD_NAMES:
         hyper = method_settings(tables, method, quick=False)
+        hyper["learning_rate"] = learning_rate_factor * hyper.get("learning_rate", MethodSettings.learning_rate)
         config = _guard_config(MethodSettings(**hyper))
-        if method == "notela-streaming":
-            candidates = [head for head, _ in streaming_candidates(source, domain.embeddings, hyper, seed)]
+        if method in STREAMING_VARIANTS:
+            candidates = [head for head, _ in streaming_candidates(source, domain.embeddings, hyper, seed, method)]
         else:
             candidates = adapt(method, source, domain.embeddings, hyper, seed).heads
-        blocked = blocked_better = passed_collapsed = 0
+        blocked = blocked_better = passed_collapsed = collapsed = 0
         lowest_ratio = math.inf
         for number, head in enumerate(candidates, start=1):
             logits = head.logits(domain.embeddings)
@@ -247,21 +310,29 @@ def guard_table(domain: Domain, source: LinearHead, tables: dict, seed: int) -> 
                 lowest_ratio = min(lowest_ratio, ratio)
             delta_map = sample_map(logits, domain.labels) - source_map
             delta_cmap = class_map(logits, domain.labels)[0] - source_cmap
+            is_collapsed = min(delta_map, delta_cmap) < -COLLAPSE_MAP_DROP
+            collapsed += is_collapsed
             if not decision.accepted:
                 blocked += 1
                 better = delta_map > 0 and delta_cmap > 0
                 blocked_better += better
-                case = "blocked, better" if better else "blocked"
+                case = "blocked"
+                if better:
+                    case = "blocked, better"
+                elif is_collapsed:
+                    case = "blocked, collapsed"
                 flagged.append([method, number, case, f"{100 * delta_map:+.1f}", f"{100 * delta_cmap:+.1f}",
                                 decision.reason])
-            if decision.accepted and delta_map < -COLLAPSE_MAP_DROP:
+            if decision.accepted and is_collapsed:
                 passed_collapsed += 1
                 flagged.append([method, number, "passed but collapsed", f"{100 * delta_map:+.1f}",
                                 f"{100 * delta_cmap:+.1f}", decision.reason])
         ratio_cell = f"{lowest_ratio:.2f}" if math.isfinite(lowest_ratio) else "n/a"
-        rows.append([method, len(candidates), blocked, blocked_better, passed_collapsed, ratio_cell])
-    print_table(["method", "candidate heads", "blocked", "blocked, better mAP and cmAP",
-                 f"passed, mAP down > {100 * COLLAPSE_MAP_DROP:.0f} points",
+        rows.append([method, f"{hyper['learning_rate']:g}", len(candidates), collapsed, blocked, blocked_better,
+                     passed_collapsed, ratio_cell])
+    drop = f"{100 * COLLAPSE_MAP_DROP:.0f}"
+    print_table(["method", "learning rate", "candidate heads", f"collapsed (mAP or cmAP down > {drop} points)",
+                 "blocked", "blocked, better mAP and cmAP", "passed but collapsed",
                  f"lowest top-score ratio passed (limit {config.min_top_score_ratio:.2f})"], rows)
     if flagged:
         print_table(["method", "epoch or round", "case", "Δ mAP", "Δ cmAP", "guard"], flagged)
@@ -273,6 +344,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every adaptation run (default %(default)s)")
     parser.add_argument("--method-defaults", action="store_true",
                         help="use the defaults of MethodSettings, not benchmarks/hyperparameters.toml")
+    parser.add_argument("--stress-factors", type=float, nargs="*", default=[10.0, 100.0],
+                        help="table 7, once per factor, multiplies every tuned learning rate by it "
+                             "(default %(default)s)")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -300,6 +374,11 @@ def main() -> None:
         bias_only_table(domain, source, adapted)
         print("### 6. Collapse guard on every candidate head\n")
         guard_table(domain, source, tables, args.seed)
+        for factor in args.stress_factors:
+            print(f"### 7. Collapse guard at {factor:g} times the tuned learning rates\n")
+            guard_table(domain, source, tables, args.seed, learning_rate_factor=factor)
+        print("### 8. Neighbour graph without pairs that share a background recording (offline NOTELA)\n")
+        background_graph_table(domain, source, tables, args.seed)
     print(f"Took {time.perf_counter() - started:.0f} s.")
 
 

@@ -3,10 +3,11 @@
 The stream is one domain spec built with ``--passes`` consecutive seeds
 (``spec.seed``, ``spec.seed + 1``, ...), so every pass has the same site,
 species and backgrounds but freshly drawn windows. The passes are built into
-the normal domain cache and concatenated in seed order. ``notela-streaming``
-then runs once over the whole stream per method seed, with the
-``[notela-streaming]`` settings of the hyperparameters file when it exists
-and the defaults of ``MethodSettings`` otherwise.
+the normal domain cache and concatenated in seed order. The streaming method
+(``--method``, notela-streaming by default) then runs once over the whole
+stream per method seed, with the method's table of the hyperparameters file
+when it exists and the defaults of ``MethodSettings`` otherwise.
+``--buffer-capacity`` below the stream's length makes the buffer evict.
 
 For each pass the script scores, on that pass's windows only:
 
@@ -46,7 +47,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_SPEC = REPO / "benchmarks" / "domains" / "western-north-america.toml"
 METHOD = "notela-streaming"
-STREAMING_METHODS = ("notela-streaming", "notela-streaming-source-teacher")
+STREAMING_METHODS = ("notela-streaming", "notela-streaming-source-teacher", "notela-streaming-prior-shift")
 
 _LOGGER = logging.getLogger("long_stream")
 
@@ -319,6 +320,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hyperparameters", type=pathlib.Path, default=DEFAULT_HYPERPARAMETERS,
                         help="TOML with a [notela-streaming] table; when the file is missing the defaults of "
                              "MethodSettings apply (default %(default)s)")
+    parser.add_argument("--buffer-capacity", type=int, default=None,
+                        help="override the buffer capacity of the settings, e.g. below the stream's length "
+                             "so that evictions happen (default: the settings' own)")
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="detection threshold on the sigmoid score (default %(default)s)")
     parser.add_argument("--cache", type=pathlib.Path, default=DEFAULT_CACHE,
@@ -329,6 +333,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.passes < 1:
         parser.error(f"--passes must be at least 1, got {args.passes}")
+    if args.buffer_capacity is not None and args.buffer_capacity < 2:
+        parser.error(f"--buffer-capacity must be at least 2, got {args.buffer_capacity}")
     if args.method_seeds < 1:
         parser.error(f"--method-seeds must be at least 1, got {args.method_seeds}")
     return args
@@ -340,13 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(shlex.quote(part) for part in [sys.executable, *sys.argv])
     started = time.monotonic()
 
-    from dawnchorus.evaluation.methods import adapt
+    from dawnchorus.evaluation.methods import MethodSettings, adapt
     from dawnchorus.evaluation.metrics import evaluate
     from dawnchorus.evaluation.runner import load_hyperparameters, method_settings
     from dawnchorus.models.backbone import load_source_model
 
     hyperparameters_found = args.hyperparameters.is_file()
     settings = method_settings(load_hyperparameters(args.hyperparameters), args.method, quick=False)
+    if args.buffer_capacity is not None:
+        settings["buffer_capacity"] = args.buffer_capacity
     settings_source = (f"[{args.method}] and [default] of {args.hyperparameters}" if hyperparameters_found
                        else f"MethodSettings defaults ({args.hyperparameters} not found)")
     _LOGGER.info("settings from %s: %s", settings_source, settings)
@@ -378,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"Settings from {settings_source}: {json.dumps(settings, sort_keys=True)}")
     print(f"Passes: {', '.join(stream.names)}")
+    capacity = int(settings.get("buffer_capacity", MethodSettings.buffer_capacity))
+    evicted = max(0, len(stream.embeddings) - capacity)
+    print(f"Buffer: capacity {capacity}; {evicted} windows evicted"
+          + (f", each slot refilled {evicted / capacity:.2f} times on average" if evicted else ""))
     print(f"Time: {total_seconds:.0f} s in all; {build_seconds:.0f} s to build or load the passes; "
           f"adaptation {', '.join(str(run['adapt_seconds']) for run in runs)} s per method seed")
     print()

@@ -25,7 +25,7 @@ def _config(**overrides) -> AdaptationConfig:
     return AdaptationConfig(**{"buffer_capacity": 1000, "update_interval": 100, "min_buffer": 100, **overrides})
 
 
-def test_prior_shift_without_steps_publishes_the_shifted_source_head():
+def test_prior_shift_without_training():
     head, embeddings = _case()
     adapter = SiteAdapter("site", head, _config(prior_shift=True, steps=0))
     adapter.add(embeddings)
@@ -40,7 +40,7 @@ def test_prior_shift_without_steps_publishes_the_shifted_source_head():
     assert result.decision.accepted
 
 
-def test_prior_shift_is_reestimated_each_round():
+def test_prior_shift_reestimated_each_round():
     head, embeddings = _case()
     adapter = SiteAdapter("site", head, _config(prior_shift=True, steps=2))
     adapter.add(embeddings[:100])
@@ -52,7 +52,7 @@ def test_prior_shift_is_reestimated_each_round():
     assert first.stats["mean_prior_shift"] != second.stats["mean_prior_shift"]
 
 
-def test_without_prior_shift_the_offset_stays_zero():
+def test_offset_zero_without_prior_shift():
     head, embeddings = _case()
     adapter = SiteAdapter("site", head, _config(prior_shift=False, steps=2))
     adapter.add(embeddings)

@@ -30,7 +30,7 @@ def test_plain_em_recovers_target_priors():
     assert abs(estimated[0] - 0.2) < abs(naive[0] - 0.2)
 
 
-def test_strength_is_a_beta_prior_worth_a_share_of_the_windows():
+def test_strength_weights_source_prior():
     # Scores of exactly 0 leave only the pseudo-windows: q = strength * s / (1 + strength).
     logits = np.full((500, 1), -200.0)
     estimated = estimate_priors(logits, 0.1, strength=0.25)
@@ -38,7 +38,7 @@ def test_strength_is_a_beta_prior_worth_a_share_of_the_windows():
 
 
 @pytest.mark.parametrize("windows", [200, 20_000])
-def test_shift_of_an_absent_class_is_capped_whatever_the_window_count(windows):
+def test_absent_class_shift_is_capped(windows):
     logits = np.full((windows, 2), -30.0)
     logits[: windows // 4, 0] = 5.0
 
