@@ -1,4 +1,4 @@
-"""The ``dawnchorus`` command: demo, edge run, server run, analyze."""
+"""The ``dawnchorus`` command: demo, edge run, server run, keys generate, analyze."""
 
 from __future__ import annotations
 
@@ -164,6 +164,10 @@ def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=pathlib.Path, default=None, help="another TFLite classifier")
     parser.add_argument("--labels", type=pathlib.Path, default=None, help="labels of --model")
     parser.add_argument("--threads", type=int, default=None, help="LiteRT threads (default: cores, max 4)")
+    parser.add_argument("--head-public-key", type=pathlib.Path, default=None, metavar="FILE",
+                        help="the base station's public key (head-signing.pub from 'dawnchorus keys generate'); "
+                             "pushed heads must be signed with its private key. Without it the recorder runs "
+                             "the source head and rejects every pushed head")
 
 
 def run_edge(args: argparse.Namespace) -> int:
@@ -171,16 +175,21 @@ def run_edge(args: argparse.Namespace) -> int:
     from dawnchorus.edge.recorder import Recorder, RecorderConfig
     from dawnchorus.models.backbone import Backbone, load_source_model
     from dawnchorus.models.species import species_from_file
+    from dawnchorus.protocol.signing import load_public_key
 
     username, password = mqtt_credentials(args)
-    config = RecorderConfig(
-        device=args.device, site=args.site, broker_host=args.broker[0], broker_port=args.broker[1],
-        username=username, password=password, state_dir=args.state_dir, min_conf=args.min_conf, sensitivity=args.sensitivity,
-    )
+    public_key = load_public_key(args.head_public_key) if args.head_public_key is not None else None
     model = load_source_model(args.model, args.labels)
     head = model.head
     if args.species_file is not None:
         head = head.select(species_from_file(args.species_file, head.labels))
+    config = RecorderConfig(
+        device=args.device, site=args.site, broker_host=args.broker[0], broker_port=args.broker[1],
+        username=username, password=password, state_dir=args.state_dir, min_conf=args.min_conf,
+        sensitivity=args.sensitivity, head_public_key=public_key,
+        # The species file is the site's class list, which every pushed head must match.
+        head_labels=list(head.labels) if args.species_file is not None else None,
+    )
 
     if args.input:
         source = FileSource(args.input, overlap_s=args.overlap, speed=args.speed or None)
@@ -300,6 +309,16 @@ def run_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_keys(args: argparse.Namespace) -> int:
+    from dawnchorus.protocol.signing import generate_key_files, key_id, load_public_key
+
+    private_path, public_path = generate_key_files(args.directory)
+    print(f"private key (base station --signing-key, keep secret): {private_path}")
+    print(f"public key (recorders --head-public-key): {public_path}")
+    print(f"key id: {key_id(load_public_key(public_path))}")
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "build":
         from dawnchorus.evaluation.cli import run_build
@@ -336,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     server = commands.add_parser("server", help="base station").add_subparsers(dest="server_command", required=True)
     add_server_run_arguments(server.add_parser("run", help="run a base station"))
 
+    keys = commands.add_parser("keys", help="head signing keys").add_subparsers(dest="keys_command", required=True)
+    generate = keys.add_parser(
+        "generate", help="write a new head signing key pair",
+        description="Write head-signing.key (the base station's private key, mode 0600) and head-signing.pub "
+                    "(the public key for recorders) to DIRECTORY. Existing key files are never overwritten.")
+    generate.add_argument("directory", type=pathlib.Path, metavar="DIRECTORY",
+                          help="folder for the key files, created with mode 0700 if missing")
+
     analyze_parser = commands.add_parser("analyze", help="analyze files offline, write BirdNET-style CSV")
     analyze.add_arguments(analyze_parser)
 
@@ -360,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_edge(args)
         if args.command == "server":
             return run_server(args)
+        if args.command == "keys":
+            return run_keys(args)
         if args.command == "analyze":
             from dawnchorus.edge import analyze
             return analyze.run(args)
