@@ -189,14 +189,14 @@ class MqttObserver:
         return bool(self.wait_for(lambda: self.statuses.get(device, {}).get("state") == "online", timeout))
 
     def push(self, manifest_payload: bytes, blob_topic: str | None, blob: bytes | None, site: str,
-             device: str, timeout: float = 60.0):
-        """Publish a blob and a manifest, both retained, and return the next ack from ``device``."""
+             device: str, timeout: float = 60.0, retain: bool = True):
+        """Publish a blob and a manifest, retained unless ``retain`` is False, and return the next ack from ``device``."""
         seen = len(self.acks_of(device))
         if blob_topic is not None:
             self._model_topics.add(blob_topic)
-            self.client.publish(blob_topic, blob, qos=1, retain=True).wait_for_publish(10)
+            self.client.publish(blob_topic, blob, qos=1, retain=retain).wait_for_publish(10)
         self.client.publish(self._topics.manifest_topic(site), manifest_payload, qos=1,
-                            retain=True).wait_for_publish(10)
+                            retain=retain).wait_for_publish(10)
         if not self.wait_for(lambda: len(self.acks_of(device)) > seen, timeout):
             raise AssertionError(f"no ack from {device} within {timeout} s")
         return self.acks_of(device)[seen]
