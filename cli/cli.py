@@ -1,4 +1,4 @@
-"""The ``dawnchorus`` command: demo, edge run, server run, analyze."""
+"""The ``dawnchorus`` command: demo, edge run, server run and rollback, keys generate, analyze."""
 
 from __future__ import annotations
 
@@ -168,6 +168,10 @@ def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=pathlib.Path, default=None, help="another TFLite classifier")
     parser.add_argument("--labels", type=pathlib.Path, default=None, help="labels of --model")
     parser.add_argument("--threads", type=int, default=None, help="LiteRT threads (default: cores, max 4)")
+    parser.add_argument("--head-public-key", type=pathlib.Path, default=None, metavar="FILE",
+                        help="the base station's public key (head-signing.pub from 'dawnchorus keys generate'); "
+                             "pushed heads must be signed with its private key. Without it the recorder runs "
+                             "the source head and rejects every pushed head")
 
 
 def run_edge(args: argparse.Namespace) -> int:
@@ -175,16 +179,21 @@ def run_edge(args: argparse.Namespace) -> int:
     from dawnchorus.edge.recorder import Recorder, RecorderConfig
     from dawnchorus.models.backbone import Backbone, load_source_model
     from dawnchorus.models.species import species_from_file
+    from dawnchorus.protocol.signing import load_public_key
 
     username, password = mqtt_credentials(args)
-    config = RecorderConfig(
-        device=args.device, site=args.site, broker_host=args.broker[0], broker_port=args.broker[1],
-        username=username, password=password, state_dir=args.state_dir, min_conf=args.min_conf, sensitivity=args.sensitivity,
-    )
+    public_key = load_public_key(args.head_public_key) if args.head_public_key is not None else None
     model = load_source_model(args.model, args.labels)
     head = model.head
     if args.species_file is not None:
         head = head.select(species_from_file(args.species_file, head.labels))
+    config = RecorderConfig(
+        device=args.device, site=args.site, broker_host=args.broker[0], broker_port=args.broker[1],
+        username=username, password=password, state_dir=args.state_dir, min_conf=args.min_conf,
+        sensitivity=args.sensitivity, head_public_key=public_key,
+        # The species file is the site's class list, which every pushed head must match.
+        head_labels=list(head.labels) if args.species_file is not None else None,
+    )
 
     if args.input:
         source = FileSource(args.input, overlap_s=args.overlap, speed=args.speed or None)
@@ -227,12 +236,30 @@ def add_server_run_arguments(parser: argparse.ArgumentParser) -> None:
     add_broker_arguments(parser)
     parser.add_argument("--state-dir", type=pathlib.Path, default=pathlib.Path("state/server"),
                         help="head registry, acks and detection log (default %(default)s)")
+    add_signing_key_argument(parser)
     parser.add_argument("--shard", default="1/1", metavar="INDEX/COUNT",
                         help="own only the sites that hash to this shard, e.g. 2/4 (default 1/1: all)")
     parser.add_argument("--model", type=pathlib.Path, default=None, help="another TFLite classifier")
     parser.add_argument("--labels", type=pathlib.Path, default=None, help="labels of --model")
     add_species_arguments(parser)
     adaptation_arguments(parser, AdaptationConfig())
+
+
+def add_signing_key_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--signing-key", type=pathlib.Path, default=None, metavar="FILE",
+                        help="Ed25519 private key that signs every head manifest (head-signing.key from "
+                             "'dawnchorus keys generate DIR'); required")
+
+
+def signing_key_from_args(args: argparse.Namespace):
+    """Load --signing-key, raising ValueError with the fix when it is missing or invalid."""
+    from dawnchorus.protocol.signing import load_private_key
+
+    if args.signing_key is None:
+        raise ValueError("--signing-key is missing: recorders accept only signed heads. Create a key pair with "
+                         "'dawnchorus keys generate DIR', pass --signing-key DIR/head-signing.key here and give "
+                         "recorders --head-public-key DIR/head-signing.pub")
+    return load_private_key(args.signing_key)
 
 
 def species_resolver(args: argparse.Namespace, labels: list[str], range_model: pathlib.Path | None):
@@ -278,6 +305,7 @@ def build_station(
     credentials: tuple[str | None, str | None] = (None, None),
     on_detection=None,
     model=None,
+    signing_key=None,
 ):
     """Create a base station from the command line; species lists are checked here, before it starts."""
     from dawnchorus.models import birdnet
@@ -293,14 +321,95 @@ def build_station(
         broker_host=broker[0], broker_port=broker[1], username=username, password=password,
         state_dir=state_dir, shard=shard,
         adaptation=adaptation_from_args(args), client_id=f"dawnchorus-base-station-{shard.index}-of-{shard.count}",
+        signing_key=signing_key,
     )
     return BaseStation(config, model.head, species_for_site, on_detection)
 
 
 def run_server(args: argparse.Namespace) -> int:
-    station = build_station(args, args.state_dir, args.broker, mqtt_credentials(args))
+    if args.server_command == "rollback":
+        return run_rollback(args)
+    credentials = mqtt_credentials(args)
+    signing_key = signing_key_from_args(args)
+    station = build_station(args, args.state_dir, args.broker, credentials, signing_key=signing_key)
     station.start()
     _run_until_signal(station.stop)
+    return 0
+
+
+def add_rollback_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("site", help="site id")
+    parser.add_argument("version", type=int, help="published head version to go back to (1 or more)")
+    add_broker_arguments(parser)
+    parser.add_argument("--state-dir", type=pathlib.Path, default=pathlib.Path("state/server"),
+                        help="the base station's state directory, which contains the head registry "
+                             "(default %(default)s)")
+    add_signing_key_argument(parser)
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    """Publish a signed rollback of a site to a stored head version."""
+    import paho.mqtt.client as mqtt
+
+    from dawnchorus.protocol import topics
+    from dawnchorus.server.publication import HeadPublisher, load_rollback, publish_rollback
+    from dawnchorus.server.registry import HeadRegistry
+
+    topics.validate_id(args.site, "site id")
+    if args.version < 1:
+        raise ValueError(f"version {args.version} is invalid: version 0 is the source head, which the registry "
+                         "does not store. Roll back to a published version, 1 or more")
+    if not (args.state_dir / "sites").is_dir():
+        raise ValueError(f"{args.state_dir} contains no head registry (no sites/ folder): pass the base station's "
+                         "--state-dir")
+    username, password = mqtt_credentials(args)
+    signing_key = signing_key_from_args(args)
+    registry = HeadRegistry(args.state_dir)
+    rollback, blob = load_rollback(registry, args.site, args.version)
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"dawnchorus-rollback-{os.getpid()}")
+    if username is not None:
+        client.username_pw_set(username, password)
+    connack: list = []
+    connected = threading.Event()
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        connack.append(reason_code)
+        connected.set()
+
+    client.on_connect = on_connect
+    host, port = args.broker
+    try:
+        client.connect(host, port, keepalive=30)
+    except OSError as error:
+        raise OSError(f"could not connect to the MQTT broker at {host}:{port}: {error}") from error
+    client.loop_start()
+    try:
+        # Nothing is recorded in the registry unless the broker accepted the connection.
+        if not connected.wait(30):
+            raise TimeoutError(f"connecting to the MQTT broker at {host}:{port} timed out after 30 s")
+        if connack[0].is_failure:
+            raise ValueError(f"the MQTT broker at {host}:{port} refused the connection: {connack[0]}")
+        manifest, confirmed = publish_rollback(HeadPublisher(client, registry, signing_key), registry,
+                                               rollback, blob)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if not confirmed:
+        _LOGGER.error("the broker at %s:%d did not confirm the rollback; run the command again", host, port)
+        return 1
+    print(f"site {args.site}: rollback to head v{manifest.version} published (sequence {manifest.sequence}); "
+          "recorders acknowledge it on the ack topic")
+    return 0
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    from dawnchorus.protocol.signing import generate_key_files, key_id, load_public_key
+
+    private_path, public_path = generate_key_files(args.directory)
+    print(f"private key (base station --signing-key, keep secret): {private_path}")
+    print(f"public key (recorders --head-public-key): {public_path}")
+    print(f"key id: {key_id(load_public_key(public_path))}")
     return 0
 
 
@@ -339,6 +448,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = commands.add_parser("server", help="base station").add_subparsers(dest="server_command", required=True)
     add_server_run_arguments(server.add_parser("run", help="run a base station"))
+    add_rollback_arguments(server.add_parser(
+        "rollback", help="publish a signed rollback of a site to a stored head version",
+        description="Publish a stored head version of a site again, signed, as a rollback. Recorders of the "
+                    "site apply it although it is older than the head they run, and the base station "
+                    "continues adapting from it."))
+
+    keys = commands.add_parser("keys", help="head signing keys").add_subparsers(dest="keys_command", required=True)
+    generate = keys.add_parser(
+        "generate", help="write a new head signing key pair",
+        description="Write head-signing.key (the base station's private key, mode 0600) and head-signing.pub "
+                    "(the public key for recorders) to DIRECTORY. Existing key files are never overwritten.")
+    generate.add_argument("directory", type=pathlib.Path, metavar="DIRECTORY",
+                          help="folder for the key files, created with mode 0700 if missing")
 
     analyze_parser = commands.add_parser("analyze", help="analyze files offline, write BirdNET-style CSV")
     analyze.add_arguments(analyze_parser)
@@ -364,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_edge(args)
         if args.command == "server":
             return run_server(args)
+        if args.command == "keys":
+            return run_keys(args)
         if args.command == "analyze":
             from dawnchorus.edge import analyze
             return analyze.run(args)

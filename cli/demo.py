@@ -5,7 +5,9 @@ The roles still meet only over MQTT: the demo starts them side by side
 from outside. Recordings are replayed faster than real time; the base
 station adapts the site's head, pushes it, and the recorders verify and
 hot-swap it. The demo ends once every recorder has replayed its audio and
-acknowledged the site's newest head.
+acknowledged the site's newest head. Heads are signed as in a fleet, with a
+key pair that the demo keeps in its state directory (``keys/``) and creates
+there on its first run.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from dawnchorus.edge.audio import FileSource
     from dawnchorus.edge.recorder import Recorder, RecorderConfig
     from dawnchorus.models.backbone import Backbone, load_source_model
+    from dawnchorus.protocol import signing
     from dawnchorus.server.broker import EmbeddedBroker
 
     if not args.paths:
@@ -139,10 +142,16 @@ def run_demo(args: argparse.Namespace) -> int:
     state_dir = args.state_dir or pathlib.Path(tempfile.mkdtemp(prefix="dawnchorus-demo-"))
     feed = _TerminalFeed()
     model = load_source_model(args.model, args.labels)
+    keys_dir = state_dir / "keys"
+    if not (keys_dir / signing.PRIVATE_KEY_NAME).exists():
+        signing.generate_key_files(keys_dir)
+    signing_key = signing.load_private_key(keys_dir / signing.PRIVATE_KEY_NAME)
+    public_key = signing.load_public_key(keys_dir / signing.PUBLIC_KEY_NAME)
 
     broker = EmbeddedBroker() if args.broker is None else None
     address = (broker.host, broker.port) if broker is not None else args.broker
-    station = build_station(args, state_dir / "server", address, on_detection=feed, model=model)
+    station = build_station(args, state_dir / "server", address, on_detection=feed, model=model,
+                            signing_key=signing_key)
     site_head = model.head.select(station.species_for_site(args.site))
     _LOGGER.info("site %s: recorders start on the source head over %d classes", args.site, len(site_head.labels))
 
@@ -162,7 +171,7 @@ def run_demo(args: argparse.Namespace) -> int:
             config = RecorderConfig(
                 device=_device_name(inputs, used), site=args.site, broker_host=address[0],
                 broker_port=address[1], state_dir=state_dir / "edge", min_conf=args.min_conf,
-                sensitivity=args.sensitivity,
+                sensitivity=args.sensitivity, head_public_key=public_key, head_labels=list(site_head.labels),
             )
             source = FileSource(inputs, overlap_s=args.overlap, speed=args.speed or None)
             recorder = Recorder(config, Backbone(model.backbone, num_threads=threads_per_recorder),

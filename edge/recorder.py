@@ -19,15 +19,17 @@ from typing import Iterable
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dawnchorus.edge.audio import Window
-from dawnchorus.edge.ota import HeadRejected, HeadStore, verify_head
+from dawnchorus.edge.ota import HeadRejected, HeadStore, check_manifest, verify_head
 from dawnchorus.edge.pipeline import InferencePipeline, ScoredBatch
 from dawnchorus.models.backbone import Backbone
 from dawnchorus.models.head import HeadRunner, LinearHead, sigmoid
 from dawnchorus.protocol import topics
 from dawnchorus.protocol.embeddings import EmbeddingBatch, PayloadError, encode_embeddings
 from dawnchorus.protocol.messages import Ack, Detection, Manifest, Status, encode_detections
+from dawnchorus.protocol.signing import key_id
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -52,6 +54,12 @@ class RecorderConfig:
             sent when the source pauses or ends.
         status_interval_s: seconds between retained status updates.
         keepalive_s: MQTT keepalive; the broker publishes the last will after 1.5 times this.
+        head_public_key: the base station's Ed25519 public key, given at provisioning.
+            Pushed and stored heads must carry a valid signature by it. With None,
+            the recorder runs the source head and rejects every pushed head.
+        head_labels: the class list that every head must have, normally the site's
+            species list. With None, the first head that the recorder installs or
+            restores fixes the list.
     """
 
     device: str
@@ -66,6 +74,8 @@ class RecorderConfig:
     windows_per_message: int = 16
     status_interval_s: float = 30.0
     keepalive_s: int = 30
+    head_public_key: Ed25519PublicKey | None = None
+    head_labels: list[str] | None = None
 
     def __post_init__(self):
         topics.validate_id(self.device, "device id")
@@ -120,9 +130,19 @@ class Recorder:
         self._reference = np.load(self._reference_path) if self._reference_path.exists() else None
         self._store = HeadStore(self._state_dir / "heads")
 
-        installed = self._store.load_last_good(config.site)
+        if config.head_public_key is None:
+            _LOGGER.warning("recorder %s: no head public key is configured (--head-public-key), so it runs the "
+                            "source head and rejects every pushed head", config.device)
+        else:
+            _LOGGER.info("recorder %s: accepts heads signed by key %s", config.device,
+                         key_id(config.head_public_key))
+        installed = self._store.load_last_good(config.site, config.head_public_key, config.head_labels)
         head: HeadRunner = installed.runner if installed is not None else source_head
+        # Manifest of the newest verified head, which may still wait to be swapped in. None is the source head.
         self.manifest: Manifest | None = installed.manifest if installed is not None else None
+        self._labels = config.head_labels
+        if self._labels is None and installed is not None:
+            self._labels = list(installed.manifest.labels)
         self.pipeline = InferencePipeline(backbone, head, batch_size=batch_size)
 
         self.counters = {"windows": 0, "messages": 0, "detections": 0, "heads_rejected": 0, "heads_applied": 0}
@@ -130,7 +150,7 @@ class Recorder:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._pending_manifest: Manifest | None = None
-        self._acked_version = -1
+        self._acked_head: HeadRunner | None = None
         self._last_status = 0.0
         self._unsent: list[tuple[Window, np.ndarray, int]] = []
 
@@ -173,6 +193,8 @@ class Recorder:
                             self.config.device, reason_code)
 
     def _on_manifest(self, client, userdata, message) -> None:
+        if not message.payload:
+            return  # a cleared retained manifest
         try:
             manifest = Manifest.decode(message.payload)
         except PayloadError as error:
@@ -180,19 +202,22 @@ class Recorder:
             _LOGGER.error("recorder %s: rejected manifest on %s: %s", self.config.device, message.topic, error)
             return
         with self._lock:
-            running = self.head_version
-            pending = self._pending_manifest.version if self._pending_manifest else 0
-            newest = max(running, pending)
-            if manifest.version <= newest:
-                # The broker re-sends the retained manifest of the running head on every
-                # reconnect; only an older version is a replay worth reporting.
-                if manifest.version < running:
-                    self._reject_head(manifest, f"version {manifest.version} is older than the running "
-                                                f"version {running} (replay)")
+            known = {m.sequence for m in (self.manifest, self._pending_manifest) if m is not None}
+            if manifest.sequence in known:
+                # The broker re-sends the retained manifest of the installed head on every reconnect.
+                return
+            newest_sequence = max([self._store.last_sequence, *known])
+            installed_version = self.manifest.version if self.manifest is not None else 0
+            try:
+                check_manifest(manifest, self.config.head_public_key, self.config.site, self._labels,
+                               installed_version, newest_sequence)
+            except HeadRejected as error:
+                self._reject_head(manifest, str(error))
                 return
             self._pending_manifest = manifest
-        _LOGGER.info("recorder %s: head v%d announced for site %s, fetching %s", self.config.device,
-                     manifest.version, manifest.site, manifest.blob_topic)
+        kind = "rollback to head" if manifest.rollback else "head"
+        _LOGGER.info("recorder %s: %s v%d announced for site %s (sequence %d), fetching %s", self.config.device,
+                     kind, manifest.version, manifest.site, manifest.sequence, manifest.blob_topic)
         client.subscribe(manifest.blob_topic, qos=1)
 
     def _on_blob(self, client, userdata, message) -> None:
@@ -206,7 +231,7 @@ class Recorder:
         with self._lock:
             reference = None if self._reference is None else self._reference.copy()
         try:
-            runner = verify_head(manifest, bytes(message.payload), self.config.site, self.head_version, reference)
+            runner = verify_head(manifest, bytes(message.payload), reference)
             self._store.install(manifest, bytes(message.payload))
         except (HeadRejected, OSError) as error:
             with self._lock:
@@ -215,8 +240,12 @@ class Recorder:
             return
         with self._lock:
             self._pending_manifest = None
-        _LOGGER.info("recorder %s: head v%d verified (sha256 %s...), swapping in between windows",
-                     self.config.device, manifest.version, manifest.sha256[:12])
+            self.manifest = manifest
+            if self._labels is None:
+                self._labels = list(manifest.labels)
+        kind = "rollback to head" if manifest.rollback else "head"
+        _LOGGER.info("recorder %s: %s v%d verified (sequence %d, sha256 %s...), swapping in between windows",
+                     self.config.device, kind, manifest.version, manifest.sequence, manifest.sha256[:12])
         self.pipeline.swap_head(runner)
 
     def _reject_head(self, manifest: Manifest, reason: str) -> None:
@@ -245,10 +274,12 @@ class Recorder:
         return int(self.pipeline.head.version)
 
     def _acknowledge_if_swapped(self) -> None:
-        version = self.head_version
-        if version == self._acked_version:
+        # Compared by identity, so that a rollback to the version that runs is acknowledged too.
+        head = self.pipeline.head
+        if head is self._acked_head:
             return
-        self._acked_version = version
+        self._acked_head = head
+        version = int(head.version)
         if version == 0:
             return
         self.counters["heads_applied"] += 1

@@ -205,6 +205,48 @@ def decode_array(obj: Any, what: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32)
 
 
+# Protocol 2 added the publish sequence number, the rollback flag and the
+# Ed25519 signature. Protocol 1 manifests were unsigned, and no recorder of
+# this build accepts them.
+MANIFEST_PROTOCOL = 2
+
+
+@dataclasses.dataclass
+class ManifestSignature:
+    """An Ed25519 signature over a manifest's signed content (see ``protocol.signing``).
+
+    Attributes:
+        key_id: first 16 hex digits of the sha256 of the raw 32-byte public key,
+            so that a log can name the key that signed a head.
+        value: the 64-byte signature.
+    """
+
+    key_id: str
+    value: bytes
+
+    ALGORITHM = "ed25519"
+
+    def to_json(self) -> dict[str, str]:
+        return {"algorithm": self.ALGORITHM, "key_id": self.key_id,
+                "value": base64.b64encode(self.value).decode()}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> ManifestSignature:
+        what = "manifest signature"
+        if not isinstance(obj, dict):
+            raise PayloadError(f"{what} must be an object with algorithm, key_id and value")
+        algorithm = _field(obj, "algorithm", str, what)
+        if algorithm != cls.ALGORITHM:
+            raise PayloadError(f"{what}: algorithm {algorithm!r} is not supported, expected {cls.ALGORITHM!r}")
+        try:
+            value = base64.b64decode(_field(obj, "value", str, what), validate=True)
+        except ValueError as error:
+            raise PayloadError(f"{what}: value is not valid base64: {error}") from error
+        if len(value) != 64:
+            raise PayloadError(f"{what}: value is {len(value)} bytes, an Ed25519 signature is 64")
+        return cls(key_id=_field(obj, "key_id", str, what), value=value)
+
+
 @dataclasses.dataclass
 class Manifest:
     """Describes one head version of one site; published retained beside the blob.
@@ -223,6 +265,13 @@ class Manifest:
         probe_logits: [n, K] float32, the blob's own outputs for them on LiteRT; a recorder
             that gets other outputs from its copy rejects the head.
         stats: pseudo-label and guard statistics of the round that made this head.
+        sequence: publish sequence number of the site's manifests. Every manifest
+            that the base station or a rollback publishes for a site has a higher
+            one than all before it, and recorders reject one that is not higher
+            than the one they installed last.
+        rollback: True for a manifest published by ``dawnchorus server rollback``,
+            which may carry an older version than the one a recorder runs.
+        signature: the base station's signature, or None for an unsigned manifest.
     """
 
     site: str
@@ -237,39 +286,60 @@ class Manifest:
     probe_embeddings: np.ndarray
     probe_logits: np.ndarray
     stats: dict[str, float] = dataclasses.field(default_factory=dict)
+    sequence: int = 0
+    rollback: bool = False
+    signature: ManifestSignature | None = None
 
-    def encode(self) -> bytes:
-        record = {
-            "protocol": 1,
+    def signed_record(self) -> dict[str, Any]:
+        """Return every field but the signature, as the JSON types that ``encode`` writes.
+
+        Decoding what ``encode`` wrote and calling this again gives an equal
+        record, which is what lets a recorder recompute the signed content.
+        """
+        return {
+            "protocol": MANIFEST_PROTOCOL,
             "site": self.site,
-            "version": self.version,
-            "parent": self.parent,
-            "labels": self.labels,
+            "version": int(self.version),
+            "parent": int(self.parent),
+            "labels": list(self.labels),
             "sha256": self.sha256,
-            "size": self.size,
+            "size": int(self.size),
             "precision": self.precision,
             "blob_topic": self.blob_topic,
-            "created": self.created,
+            "created": float(self.created),
             "probe": {
                 "embeddings": encode_array(self.probe_embeddings, "<f2"),
                 "logits": encode_array(self.probe_logits, "<f4"),
             },
-            "stats": self.stats,
+            "stats": {str(name): float(value) for name, value in self.stats.items()},
+            "sequence": int(self.sequence),
+            "rollback": bool(self.rollback),
         }
+
+    def encode(self) -> bytes:
+        record = self.signed_record()
+        if self.signature is not None:
+            record["signature"] = self.signature.to_json()
         return _dumps(record)
 
     @classmethod
     def decode(cls, payload: bytes) -> Manifest:
+        """Decode a manifest; a missing signature is not an error here, ``signature`` is then None."""
         what = "manifest"
         obj = _load_object(payload, what)
-        if obj.get("protocol") != 1:
-            raise PayloadError(f"{what}: unknown protocol {obj.get('protocol')!r}, this build reads 1")
+        protocol = obj.get("protocol")
+        if protocol != MANIFEST_PROTOCOL:
+            hint = " (an unsigned manifest: upgrade the base station)" if protocol == 1 else ""
+            raise PayloadError(f"{what}: unknown protocol {protocol!r}{hint}, this build reads {MANIFEST_PROTOCOL}")
         labels = _field(obj, "labels", list, what)
         if not labels or not all(isinstance(label, str) and label for label in labels):
             raise PayloadError(f"{what}: labels must be a non-empty list of strings")
         version = _field(obj, "version", int, what)
         if version < 1:
             raise PayloadError(f"{what}: version {version} must be at least 1")
+        sequence = _field(obj, "sequence", int, what)
+        if sequence < 1:
+            raise PayloadError(f"{what}: sequence {sequence} must be at least 1")
         sha256 = _field(obj, "sha256", str, what)
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise PayloadError(f"{what}: sha256 {sha256!r} is not 64 lowercase hex digits")
@@ -287,6 +357,7 @@ class Manifest:
         stats = obj.get("stats", {})
         if not isinstance(stats, dict):
             raise PayloadError(f"{what}: stats must be an object")
+        signature = obj.get("signature")
         return cls(
             site=_id_field(obj, "site", what),
             version=version,
@@ -300,4 +371,7 @@ class Manifest:
             probe_embeddings=probe_embeddings,
             probe_logits=probe_logits,
             stats={str(k): float(v) for k, v in stats.items() if isinstance(v, (int, float))},
+            sequence=sequence,
+            rollback=_field(obj, "rollback", bool, what),
+            signature=None if signature is None else ManifestSignature.from_json(signature),
         )

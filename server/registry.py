@@ -6,12 +6,19 @@ Layout under the base station's state directory:
     sites/<site>/heads/v<N>.json     metadata: version, parent, site, classes,
                                      buffer size, pseudo-label statistics, time, sha256
     sites/<site>/heads/v<N>.npz      trainer state, to resume adaptation after a restart
+    sites/<site>/manifests/v<N>.json the signed manifest first published for version N
+    sites/<site>/published.json      the newest manifest published for the site: version,
+                                     sequence number, rollback flag, retained blobs
+    sites/<site>/publish.lock        flock(2) lock that the base station and the rollback
+                                     command hold while they publish a manifest of the site
     sites/<site>/acks.json           {device: {"version": N, "time": t}} as acknowledged
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -19,6 +26,7 @@ import os
 import pathlib
 import threading
 import time
+from typing import Iterator
 
 import numpy as np
 
@@ -52,6 +60,25 @@ class HeadRecord:
     created: float
     sha256: str
     size: int
+
+
+@dataclasses.dataclass
+class Publication:
+    """The newest manifest published for a site.
+
+    Attributes:
+        version: the head version it announced.
+        sequence: its sequence number; the next manifest of the site gets a higher one.
+        rollback: whether ``dawnchorus server rollback`` published it.
+        time: unix time of publishing.
+        retained_blobs: versions whose blobs are retained on the broker.
+    """
+
+    version: int
+    sequence: int
+    rollback: bool
+    time: float
+    retained_blobs: list[int] = dataclasses.field(default_factory=list)
 
 
 def _write_atomic(path: pathlib.Path, data: bytes) -> None:
@@ -136,6 +163,56 @@ class HeadRegistry:
             return None
         with np.load(path) as state:
             return {name: state[name] for name in state.files}
+
+    @contextlib.contextmanager
+    def site_lock(self, site: str) -> Iterator[None]:
+        """Hold the site's publish lock, which excludes other threads and processes.
+
+        A publisher takes the sequence number, records the publication and
+        sends the messages under this lock, so that the broker receives a
+        site's manifests in the order of their sequence numbers.
+        """
+        directory = self.root / site
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / "publish.lock", "a+b") as lock_file:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+    def publication(self, site: str) -> Publication | None:
+        """Return the record of the newest manifest published for ``site``, or None if there was none."""
+        path = self.root / site / "published.json"
+        if not path.is_file():
+            return None
+        return Publication(**json.loads(path.read_text()))
+
+    def next_sequence(self, site: str) -> int:
+        """Return the sequence number for the site's next manifest. Call it under ``site_lock``.
+
+        The number is one more than the last, but at least the current unix time
+        in milliseconds. A base station whose registry was lost therefore still
+        publishes numbers that its recorders accept, unless its clock runs behind.
+        """
+        last = self.publication(site)
+        return max((last.sequence + 1) if last else 1, int(time.time() * 1000))
+
+    def record_publication(self, site: str, publication: Publication) -> None:
+        """Store ``publication`` as the site's newest. Call it under ``site_lock``, before publishing."""
+        path = self.root / site / "published.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, json.dumps(dataclasses.asdict(publication), indent=1).encode())
+
+    def store_manifest(self, site: str, version: int, payload: bytes) -> None:
+        """Keep the signed manifest of a version, from which a rollback to it is built."""
+        directory = self.root / site / "manifests"
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomic(directory / f"v{version}.json", payload)
+
+    def manifest(self, site: str, version: int) -> bytes:
+        """Return the stored manifest of a version. Raises FileNotFoundError if it was never published."""
+        return (self.root / site / "manifests" / f"v{version}.json").read_bytes()
 
     def record_ack(self, site: str, device: str, version: int) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dawnchorus.models.export import head_to_tflite
 from dawnchorus.models.head import LinearHead, TFLiteHead
@@ -29,6 +30,7 @@ from dawnchorus.protocol.embeddings import PayloadError, decode_embeddings
 from dawnchorus.protocol.messages import Ack, Detection, Manifest, Status, decode_detections
 from dawnchorus.server.adaptation import AdaptationConfig, RoundResult, SiteAdapter
 from dawnchorus.server.feed import DetectionFeed
+from dawnchorus.server.publication import HeadPublisher
 from dawnchorus.server.registry import HeadRegistry
 
 _LOGGER = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ class StationConfig:
         shard: which sites this process owns.
         adaptation: streaming NOTELA settings.
         client_id: MQTT client id; unique per process.
+        signing_key: the Ed25519 key that signs every published manifest. Required.
     """
 
     broker_host: str = "127.0.0.1"
@@ -110,6 +113,7 @@ class StationConfig:
     shard: Shard = Shard()
     adaptation: AdaptationConfig = dataclasses.field(default_factory=AdaptationConfig)
     client_id: str = "dawnchorus-base-station"
+    signing_key: Ed25519PrivateKey | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass
@@ -141,6 +145,9 @@ class BaseStation:
         species_for_site: Callable[[str], list[str]],
         on_detection: Callable[[Detection], None] | None = None,
     ):
+        if config.signing_key is None:
+            raise ValueError("the base station has no signing key, and recorders reject unsigned heads: "
+                             "create one with 'dawnchorus keys generate DIR' and pass --signing-key DIR/head-signing.key")
         self.config = config
         self.source_head = source_head
         self.species_for_site = species_for_site
@@ -159,7 +166,10 @@ class BaseStation:
         self._worker: threading.Thread | None = None
         self.connected = threading.Event()
         self._subscribe_mid: int | None = None
+        # Per site, the sequence number of the newest published manifest that this process has seen.
+        self._published_sequence: dict[str, int] = {}
         self._client = self._make_client()
+        self._publisher = HeadPublisher(self._client, self.registry, config.signing_key)
 
     # MQTT ------------------------------------------------------------------
 
@@ -226,13 +236,16 @@ class BaseStation:
             return adapter
         labels = self.species_for_site(site)
         adapter = SiteAdapter(site, self.source_head.select(labels), self.config.adaptation)
-        latest = self.registry.latest_version(site)
+        publication = self.registry.publication(site)
+        # After a rollback the published head, not the newest in the registry, is where adaptation resumes.
+        latest = publication.version if publication is not None else self.registry.latest_version(site)
         if latest:
             state = self.registry.trainer_state(site, latest)
             if state is not None:
                 adapter.restore(state)
             _LOGGER.info("site %s resumes after head v%d from the registry", site, latest)
         self.views[site].latest_version = latest
+        self._published_sequence[site] = publication.sequence if publication is not None else 0
         self.sites[site] = adapter
         _LOGGER.info("site %s: %d classes, buffer of %d, a round every %d embeddings", site, len(labels),
                      self.config.adaptation.buffer_capacity, self.config.adaptation.update_interval)
@@ -296,7 +309,29 @@ class BaseStation:
                 self.counters["rounds_failed"] += 1
                 _LOGGER.exception("site %s: adaptation round failed; the current head stays published", site)
 
+    def _follow_rollback(self, site: str, adapter: SiteAdapter) -> None:
+        """Adopt a manifest that another process published for ``site``.
+
+        After a rollback, the trainer goes back to the state of the version rolled back to.
+        """
+        publication = self.registry.publication(site)
+        if publication is None or publication.sequence == self._published_sequence.get(site, 0):
+            return
+        self._published_sequence[site] = publication.sequence
+        self.views[site].latest_version = publication.version
+        if not publication.rollback:
+            return
+        state = self.registry.trainer_state(site, publication.version)
+        if state is None:
+            _LOGGER.warning("site %s was rolled back to head v%d, which has no trainer state in the registry; "
+                            "adaptation continues from its current state", site, publication.version)
+            return
+        adapter.restore(state)
+        _LOGGER.info("site %s was rolled back to head v%d (sequence %d); adaptation continues from that head",
+                     site, publication.version, publication.sequence)
+
     def _adapt(self, site: str, adapter: SiteAdapter) -> None:
+        self._follow_rollback(site, adapter)
         view = self.views[site]
         version = self.registry.latest_version(site) + 1
         result = adapter.run_round(version)
@@ -317,33 +352,47 @@ class BaseStation:
             stats["pseudo_label_top_changed"], stats["candidate_mean_top_score"],
             stats["source_mean_top_score"], stats["round_s"],
         )
-        self._publish_head(site, adapter, result)
-        view.last_decision = "published"
+        if self._publish_head(site, adapter, result):
+            view.last_decision = "published"
+        else:
+            view.last_decision = "discarded: a rollback was published during the round"
 
-    def _publish_head(self, site: str, adapter: SiteAdapter, result: RoundResult) -> None:
+    def _publish_head(self, site: str, adapter: SiteAdapter, result: RoundResult) -> bool:
+        """Store, sign and publish the round's head. Return False if a rollback made it obsolete."""
         precision = self.config.adaptation.precision
         blob = head_to_tflite(result.head, precision)
         # The probe travels as float16, so its logits are those of the rounded values.
         probe = result.probe_embeddings.astype(np.float16).astype(np.float32)
         probe_logits = TFLiteHead(blob, result.head.labels, result.head.version).logits(probe)
-        parent = self.registry.latest_version(site)
-        record = self.registry.add(site, parent, result.head.labels, precision, blob, result.buffer_size,
-                                   result.stats, adapter.trainer.get_state())
-        manifest = Manifest(
-            site=site, version=record.version, parent=parent, labels=record.labels, sha256=record.sha256,
-            size=record.size, precision=precision, blob_topic=topics.blob_topic(site, record.version),
-            created=record.created, probe_embeddings=probe, probe_logits=probe_logits, stats=result.stats,
-        )
 
-        self._client.publish(manifest.blob_topic, blob, qos=1, retain=True)
-        self._client.publish(topics.manifest_topic(site), manifest.encode(), qos=1, retain=True)
-        if parent > 1:
-            # Recorders fetch the newest blob; older retained blobs only cost broker memory.
-            self._client.publish(topics.blob_topic(site, parent - 1), b"", qos=1, retain=True)
-        self.views[site].latest_version = record.version
+        with self.registry.site_lock(site):
+            publication = self.registry.publication(site)
+            rolled_back = (publication.sequence if publication else 0) != self._published_sequence.get(site, 0)
+            if not rolled_back:
+                parent = publication.version if publication else self.registry.latest_version(site)
+                record = self.registry.add(site, parent, result.head.labels, precision, blob, result.buffer_size,
+                                           result.stats, adapter.trainer.get_state())
+                manifest = Manifest(
+                    site=site, version=record.version, parent=parent, labels=record.labels, sha256=record.sha256,
+                    size=record.size, precision=precision, blob_topic=topics.blob_topic(site, record.version),
+                    created=record.created, probe_embeddings=probe, probe_logits=probe_logits, stats=result.stats,
+                )
+                signed, _ = self._publisher.publish(manifest, blob)
+                self._published_sequence[site] = signed.sequence
+
+        if rolled_back:
+            # A rollback arrived while this round trained from the head it replaced.
+            self.counters["heads_discarded"] += 1
+            _LOGGER.warning("site %s: a rollback was published during the round, so candidate v%d is discarded",
+                            site, result.head.version)
+            self._follow_rollback(site, adapter)
+            return False
+        self.views[site].latest_version = signed.version
         self.counters["heads_published"] += 1
-        _LOGGER.info("site %s: published head v%d (%s, %d bytes, sha256 %s...)", site, record.version,
-                     precision, record.size, record.sha256[:12])
+        _LOGGER.info("site %s: published head v%d (%s, %d bytes, sha256 %s..., sequence %d, key %s)", site,
+                     signed.version, precision, signed.size, signed.sha256[:12], signed.sequence,
+                     self._publisher.key_id)
+        return True
 
     def _work(self) -> None:
         while not self._stop.is_set():

@@ -1,13 +1,18 @@
-"""Shared fixtures: the real recordings beside the repository, and a real Mosquitto broker."""
+"""Shared fixtures: the real recordings beside the repository, a real Mosquitto broker, and the
+``dawnchorus`` programs as processes."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
+import uuid
 
 import pytest
 
@@ -82,3 +87,129 @@ def mosquitto(tmp_path_factory) -> Mosquitto:
     broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
     yield broker
     broker.stop()
+
+
+class DawnchorusPrograms:
+    """``dawnchorus`` commands run as processes, each logging to a file, and stopped at teardown."""
+
+    def __init__(self, directory: pathlib.Path):
+        self._directory = directory
+        self._processes: list[tuple[subprocess.Popen, object]] = []
+
+    def start(self, *args: str, log: str) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        stream = open(self._directory / log, "a")
+        process = subprocess.Popen([sys.executable, "-m", "dawnchorus", *args], stdout=stream,
+                                   stderr=subprocess.STDOUT, env=env)
+        self._processes.append((process, stream))
+        return process
+
+    def log(self, name: str) -> str:
+        return (self._directory / name).read_text()
+
+    def stop_all(self) -> None:
+        for process, stream in self._processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=10)
+            stream.close()
+
+
+@pytest.fixture()
+def programs(tmp_path) -> DawnchorusPrograms:
+    started = DawnchorusPrograms(tmp_path)
+    yield started
+    started.stop_all()
+
+
+
+class MqttObserver:
+    """A test client on the broker that publishes heads as an operator would and records what recorders send.
+
+    It records acks, retained statuses, the head version of each embeddings
+    message and every manifest published, and clears the retained model
+    topics it saw when it closes.
+    """
+
+    def __init__(self, broker: Mosquitto):
+        import paho.mqtt.client as mqtt
+
+        from dawnchorus.protocol import topics
+
+        self._topics = topics
+        self._condition = threading.Condition()
+        self.acks: list = []
+        self.statuses: dict[str, dict] = {}
+        self.embedding_versions: dict[str, list[int]] = {}
+        self.manifests: list[bytes] = []
+        self._model_topics: set[str] = set()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-observer-{uuid.uuid4().hex[:8]}")
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        for kind in ("ack", "status", "embeddings"):
+            self.client.subscribe(topics.device_wildcard(kind), qos=1)
+        self.client.subscribe(topics.manifest_wildcard(), qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message) -> None:
+        import json
+
+        from dawnchorus.protocol.embeddings import decode_embeddings
+        from dawnchorus.protocol.messages import Ack
+
+        with self._condition:
+            if message.topic.endswith("/manifest"):
+                self._model_topics.add(message.topic)
+                if message.payload:
+                    self.manifests.append(bytes(message.payload))
+            elif message.topic.endswith("/ack"):
+                self.acks.append(Ack.decode(message.payload))
+            elif message.topic.endswith("/status") and message.payload:
+                status = json.loads(message.payload)
+                self.statuses[status["device"]] = status
+            elif message.topic.endswith("/embeddings"):
+                batch = decode_embeddings(message.payload)
+                self.embedding_versions.setdefault(batch.device, []).append(batch.head_version)
+            self._condition.notify_all()
+
+    def wait_for(self, condition, timeout: float):
+        """Wait until ``condition()`` returns a true value, evaluated whenever a message arrives."""
+        with self._condition:
+            return self._condition.wait_for(condition, timeout=timeout)
+
+    def acks_of(self, device: str) -> list:
+        with self._condition:
+            return [ack for ack in self.acks if ack.device == device]
+
+    def wait_online(self, device: str, timeout: float = 120.0) -> bool:
+        return bool(self.wait_for(lambda: self.statuses.get(device, {}).get("state") == "online", timeout))
+
+    def push(self, manifest_payload: bytes, blob_topic: str | None, blob: bytes | None, site: str,
+             device: str, timeout: float = 60.0, retain: bool = True):
+        """Publish a blob and a manifest, retained unless ``retain`` is False, and return the next ack from ``device``."""
+        seen = len(self.acks_of(device))
+        if blob_topic is not None:
+            self._model_topics.add(blob_topic)
+            self.client.publish(blob_topic, blob, qos=1, retain=retain).wait_for_publish(10)
+        self.client.publish(self._topics.manifest_topic(site), manifest_payload, qos=1,
+                            retain=retain).wait_for_publish(10)
+        if not self.wait_for(lambda: len(self.acks_of(device)) > seen, timeout):
+            raise AssertionError(f"no ack from {device} within {timeout} s")
+        return self.acks_of(device)[seen]
+
+    def close(self) -> None:
+        for topic in sorted(self._model_topics):
+            self.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(10)
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture()
+def observer(mosquitto) -> MqttObserver:
+    watcher = MqttObserver(mosquitto)
+    yield watcher
+    watcher.close()

@@ -23,7 +23,8 @@ def _modules_loaded_by(imports: str) -> set[str]:
 
 def test_protocol_imports_no_runtime():
     loaded = _modules_loaded_by(
-        "import dawnchorus.protocol.topics, dawnchorus.protocol.embeddings, dawnchorus.protocol.messages")
+        "import dawnchorus.protocol.topics, dawnchorus.protocol.embeddings, dawnchorus.protocol.messages, "
+        "dawnchorus.protocol.signing")
     assert "tensorflow" not in loaded
     assert "ai_edge_litert" not in loaded
     assert "tflite_runtime" not in loaded

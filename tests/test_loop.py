@@ -40,6 +40,10 @@ def _acks(state: pathlib.Path) -> dict:
 @pytest.mark.slow
 def test_loop_processes_push_and_ack_head(mosquitto, data_dir, tmp_path):
     server_state = tmp_path / "server"
+    keys = tmp_path / "keys"
+    generated = subprocess.run([sys.executable, "-m", "dawnchorus", "keys", "generate", str(keys)],
+                               capture_output=True, text=True, timeout=120)
+    assert generated.returncode == 0, generated.stderr
     species = tmp_path / "species.txt"
     species.write_text("\n".join([
         "Hylocichla mustelina", "Setophaga ruticilla", "Setophaga citrina", "Poecile atricapillus",
@@ -48,7 +52,7 @@ def test_loop_processes_push_and_ack_head(mosquitto, data_dir, tmp_path):
     ]) + "\n")
     server = _dawnchorus(
         "server", "run", "--broker", mosquitto.address, "--state-dir", str(server_state),
-        "--default-species", f"@{species}", "--update-interval", "16", "--min-buffer", "16",
+        "--signing-key", str(keys / "head-signing.key"), "--default-species", f"@{species}", "--update-interval", "16", "--min-buffer", "16",
         "--buffer", "1000", log=tmp_path / "server.log",
     )
     deadline = time.monotonic() + 120
@@ -64,7 +68,8 @@ def test_loop_processes_push_and_ack_head(mosquitto, data_dir, tmp_path):
         _dawnchorus("edge", "run", "--device", device, "--site", SITE, "--broker", mosquitto.address,
                     "--input", str(path), "--speed", "0", "--stay", "--min-conf", "0.5",
                     "--species-file", str(species), "--state-dir", str(tmp_path / "edge"),
-                    "--threads", "1", log=tmp_path / f"{device}.log")
+                    "--head-public-key", str(keys / "head-signing.pub"), "--threads", "1",
+                    log=tmp_path / f"{device}.log")
         for device, path in recordings.items()
     ]
     try:

@@ -30,7 +30,7 @@ def _manifest() -> Manifest:
         site="forest-a", version=3, parent=2, labels=["A a_Aa", "B b_Bb"], sha256="ab" * 32, size=10,
         precision="fp16", blob_topic=topics.blob_topic("forest-a", 3), created=1.5,
         probe_embeddings=rng.random((4, 1024), dtype=np.float32),
-        probe_logits=rng.random((4, 2), dtype=np.float32), stats={"loss": 0.5},
+        probe_logits=rng.random((4, 2), dtype=np.float32), stats={"loss": 0.5}, sequence=12,
     )
 
 
@@ -135,15 +135,26 @@ def test_manifest_round_trip():
     manifest = _manifest()
     decoded = Manifest.decode(manifest.encode())
     assert decoded.version == 3
+    assert decoded.sequence == 12
+    assert decoded.rollback is False
+    assert decoded.signature is None
     assert decoded.labels == manifest.labels
     assert np.allclose(decoded.probe_logits, manifest.probe_logits)
 
 
-@pytest.mark.parametrize("field", ["labels", "sha256", "version", "probe", "site", "precision"])
+@pytest.mark.parametrize("field", ["labels", "sha256", "version", "probe", "site", "precision", "sequence",
+                                   "rollback"])
 def test_manifest_missing_field_rejected(field):
     record = json.loads(_manifest().encode())
     del record[field]
     with pytest.raises(PayloadError, match=field):
+        Manifest.decode(json.dumps(record).encode())
+
+
+def test_manifest_protocol_1_rejected_as_unsigned():
+    record = json.loads(_manifest().encode())
+    record["protocol"] = 1
+    with pytest.raises(PayloadError, match="unsigned"):
         Manifest.decode(json.dumps(record).encode())
 
 

@@ -1,5 +1,5 @@
 """The base station against a real Mosquitto: deduplication, rejected payloads, shards,
-and the collapse guard."""
+the collapse guard, and heads made obsolete by a rollback."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 import soundfile
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dawnchorus.models.backbone import Backbone, load_source_model
 from dawnchorus.protocol import topics
 from dawnchorus.protocol.embeddings import EmbeddingBatch, encode_embeddings
 from dawnchorus.server.adaptation import AdaptationConfig, check_collapse
+from dawnchorus.server.publication import HeadPublisher, load_rollback, publish_rollback
+from dawnchorus.server.registry import HeadRegistry, Publication
 from dawnchorus.server.station import BaseStation, SequenceFilter, Shard, StationConfig
 
 LABELS = ["Poecile atricapillus_Black-capped Chickadee", "Baeolophus bicolor_Tufted Titmouse",
@@ -47,6 +50,7 @@ def station(mosquitto, source, tmp_path):
         broker_host=mosquitto.host, broker_port=mosquitto.port, state_dir=tmp_path,
         shard=Shard(2, 4), client_id=f"test-station-{uuid.uuid4().hex[:8]}",
         adaptation=AdaptationConfig(buffer_capacity=100, update_interval=1000, min_buffer=10),
+        signing_key=Ed25519PrivateKey.generate(),
     )
     base = BaseStation(config, source.head, lambda site: LABELS)
     base.start()
@@ -201,11 +205,18 @@ def test_collapse_guard_blocks_nan():
     assert not check_collapse(source, candidate, config).accepted
 
 
+def test_station_without_signing_key_rejected(source, tmp_path):
+    config = StationConfig(state_dir=tmp_path)
+    with pytest.raises(ValueError, match="dawnchorus keys generate"):
+        BaseStation(config, source.head, lambda site: LABELS)
+
+
 def test_station_receives_messages_sent_while_down(mosquitto, source, publisher, embeddings, tmp_path):
     config = StationConfig(
         broker_host=mosquitto.host, broker_port=mosquitto.port, state_dir=tmp_path,
         client_id=f"test-station-{uuid.uuid4().hex[:8]}",
         adaptation=AdaptationConfig(buffer_capacity=100, update_interval=1000, min_buffer=10),
+        signing_key=Ed25519PrivateKey.generate(),
     )
     first = BaseStation(config, source.head, lambda site: LABELS)
     first.start()
@@ -219,3 +230,53 @@ def test_station_receives_messages_sent_while_down(mosquitto, source, publisher,
         assert _wait(lambda: second.counters["embeddings"] == 8)
     finally:
         second.stop()
+
+
+def test_registry_sequence_grows_past_clock(tmp_path):
+    registry = HeadRegistry(tmp_path)
+    assert registry.next_sequence("site-a") >= int(time.time() * 1000) - 1000
+    future = int(time.time() * 1000) + 10**9
+    registry.record_publication("site-a", Publication(version=3, sequence=future, rollback=False, time=0.0))
+    assert registry.next_sequence("site-a") == future + 1
+
+
+def test_station_discards_head_after_rollback(mosquitto, source, embeddings, tmp_path):
+    signing_key = Ed25519PrivateKey.generate()
+    config = StationConfig(
+        broker_host=mosquitto.host, broker_port=mosquitto.port, state_dir=tmp_path,
+        client_id=f"test-station-{uuid.uuid4().hex[:8]}", signing_key=signing_key,
+        adaptation=AdaptationConfig(buffer_capacity=100, update_interval=1000, min_buffer=10),
+    )
+    base = BaseStation(config, source.head, lambda site: LABELS)
+    base.start()
+    operator = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-rollback-{uuid.uuid4().hex[:8]}")
+    operator.connect(mosquitto.host, mosquitto.port)
+    operator.loop_start()
+    site = "site-rollback"
+    try:
+        assert base.connected.wait(20)
+        adapter = base._site(site)
+        adapter.add(embeddings)
+        for version in (1, 2):
+            assert base._publish_head(site, adapter, adapter.run_round(version))
+
+        rollback, blob = load_rollback(base.registry, site, 1)
+        signed, confirmed = publish_rollback(HeadPublisher(operator, base.registry, signing_key), base.registry,
+                                             rollback, blob)
+        candidate = adapter.run_round(3)
+        published = base._publish_head(site, adapter, candidate)
+        after_rollback = adapter.run_round(3)
+        republished = base._publish_head(site, adapter, after_rollback)
+    finally:
+        operator.loop_stop()
+        operator.disconnect()
+        base.stop()
+
+    assert confirmed
+    assert signed.rollback
+    assert not published
+    assert base.counters["heads_discarded"] == 1
+    assert republished
+    assert base.registry.record(site, 3).parent == 1
+    assert base.registry.publication(site).version == 3
+    assert base.registry.publication(site).sequence > signed.sequence
