@@ -49,6 +49,7 @@ from dawnchorus.models.head import LinearHead
 from dawnchorus.models.notela import HeadTrainer, notela_round
 from dawnchorus.server.adaptation import SiteAdapter, check_collapse
 from dawnchorus.server.buffer import NeighbourBuffer, unit_vectors
+from dawnchorus.server.priors import prior_shift
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOMAINS = ("western-north-america", "europe")
@@ -296,15 +297,19 @@ def guard_table(domain: Domain, source: LinearHead, tables: dict, seed: int, lea
         hyper = method_settings(tables, method, quick=False)
         hyper["learning_rate"] = learning_rate_factor * hyper.get("learning_rate", MethodSettings.learning_rate)
         config = _guard_config(MethodSettings(**hyper))
+        reference_logits = source_logits
         if method in STREAMING_VARIANTS:
             candidates = [head for head, _ in streaming_candidates(source, domain.embeddings, hyper, seed, method)]
+            if streaming_settings(method, MethodSettings(**hyper)).streaming_prior_shift:
+                # The base station's guard compares with the prior-shifted source head.
+                reference_logits = (source_logits + prior_shift(source_logits)).astype(np.float32)
         else:
             candidates = adapt(method, source, domain.embeddings, hyper, seed).heads
         blocked = blocked_better = passed_collapsed = collapsed = 0
         lowest_ratio = math.inf
         for number, head in enumerate(candidates, start=1):
             logits = head.logits(domain.embeddings)
-            decision = check_collapse(source_logits, logits, config)
+            decision = check_collapse(reference_logits, logits, config)
             if decision.accepted:
                 ratio = decision.stats["candidate_mean_top_score"] / decision.stats["source_mean_top_score"]
                 lowest_ratio = min(lowest_ratio, ratio)

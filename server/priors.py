@@ -40,6 +40,10 @@ DIRECTIONS = ("down", "both")
 # 0.03). 0.01 caps the shift at 4.6 logits, so that a species that starts to
 # occur later is lowered by at most that much until its windows reach the buffer.
 PRIOR_STRENGTH = 0.01
+# The Beta prior is worth at least this many windows, so that EM on a small
+# buffer, where a class's absence is weak evidence, moves biases little: at 16
+# windows a class that never occurs is lowered by about 1 logit.
+PRIOR_MIN_WINDOWS = 10.0
 
 
 def logit(probability: np.ndarray | float) -> np.ndarray:
@@ -51,6 +55,7 @@ def logit(probability: np.ndarray | float) -> np.ndarray:
 def estimate_priors(
     logits: np.ndarray, source_prior: float | np.ndarray, strength: float = PRIOR_STRENGTH,
     iterations: int = 1000, tolerance: float = 1e-4, floor: float = 1e-9,
+    min_windows: float = PRIOR_MIN_WINDOWS,
 ) -> np.ndarray:
     """Estimate each class's prior on the target windows by EM, with a Beta prior towards the source prior.
 
@@ -61,12 +66,13 @@ def estimate_priors(
         q = (sum of corrected posteriors + strength * n * s) / (n + strength * n)
 
     over the n windows: the maximum a posteriori estimate under a Beta prior
-    worth ``strength * n`` pseudo-windows at the source prior. Without it
-    (strength 0, the plain EM of the paper) the prior of a class that never
-    occurs falls towards 0 for as long as EM runs, so its bias shift depends on
-    the iteration count and grows without bound. With it, the shift is at
-    least ``log(strength / (1 + strength))``, whatever the number of windows:
-    -4.6 logits at the default 0.01. EM starts from q = s.
+    worth ``max(strength * n, min_windows)`` pseudo-windows at the source
+    prior. Without it (strength and min_windows 0, the plain EM of the paper)
+    the prior of a class that never occurs falls towards 0 for as long as EM
+    runs, so its bias shift depends on the iteration count and grows without
+    bound. With it, the shift is at least ``log(strength / (1 + strength))``,
+    whatever the number of windows: -4.6 logits at the default 0.01, and less
+    on fewer than ``min_windows / strength`` windows. EM starts from q = s.
 
     Args:
         logits: [windows, K] logits of the source head.
@@ -75,6 +81,7 @@ def estimate_priors(
         iterations: maximum EM iterations.
         tolerance: stop once no prior's logit moves by more than this.
         floor: priors are clipped to [floor, 1 - floor].
+        min_windows: the least weight of the source prior, in windows.
     Returns:
         [K] float64 estimated target priors.
     """
@@ -83,12 +90,14 @@ def estimate_priors(
         raise ValueError(f"logits must be [windows, K] with at least one window, got shape {logits.shape}")
     if not (math.isfinite(strength) and strength >= 0):
         raise ValueError(f"strength must be a non-negative number, got {strength}")
+    if not (math.isfinite(min_windows) and min_windows >= 0):
+        raise ValueError(f"min_windows must be a non-negative number, got {min_windows}")
     source = np.broadcast_to(np.asarray(source_prior, dtype=np.float64), logits.shape[1:]).copy()
     if not ((source > 0) & (source < 1)).all():
         raise ValueError(f"source priors must be in (0, 1), got values from {source.min()} to {source.max()}")
 
     windows = len(logits)
-    pseudo = strength * windows
+    pseudo = max(strength * windows, min_windows)
     priors = source.copy()
     change = math.inf
     iteration = 0
@@ -106,6 +115,7 @@ def estimate_priors(
 def prior_shift(
     logits: np.ndarray, source_prior: float | np.ndarray | None = None, direction: str = "down",
     strength: float = PRIOR_STRENGTH, iterations: int = 1000, tolerance: float = 1e-4,
+    min_windows: float = PRIOR_MIN_WINDOWS,
 ) -> np.ndarray:
     """Return the per-class bias shift [K] float64 that moves the source priors to the EM estimates.
 
@@ -113,7 +123,7 @@ def prior_shift(
         logits: [windows, K] logits of the source head on the site's windows.
         source_prior: each class's source prior; None takes 1 / K.
         direction: "down" only lowers biases; "both" applies the estimate as it is.
-        strength, iterations, tolerance: as in ``estimate_priors``.
+        strength, iterations, tolerance, min_windows: as in ``estimate_priors``.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -122,7 +132,7 @@ def prior_shift(
         if logits.ndim != 2 or logits.shape[1] < 2:
             raise ValueError(f"logits must be [windows, K] with K >= 2 for a 1 / K prior, got shape {logits.shape}")
         source_prior = 1.0 / logits.shape[1]
-    priors = estimate_priors(logits, source_prior, strength, iterations, tolerance)
+    priors = estimate_priors(logits, source_prior, strength, iterations, tolerance, min_windows=min_windows)
     shift = logit(priors) - logit(source_prior)
     if direction == "down":
         shift = np.minimum(shift, 0.0)

@@ -22,7 +22,7 @@ def test_plain_em_recovers_target_priors():
     labels = rng.uniform(size=(20_000, 2)) < np.array([0.2, 0.02])
     logits = _calibrated_logits(labels, 0.01, 1.5, seed=1)
 
-    estimated = estimate_priors(logits, 0.01, strength=0.0, tolerance=1e-8)
+    estimated = estimate_priors(logits, 0.01, strength=0.0, tolerance=1e-8, min_windows=0.0)
     naive = sigmoid(logits).mean(axis=0)
 
     assert estimated[0] == pytest.approx(0.2, abs=0.02)
@@ -37,7 +37,15 @@ def test_strength_weights_source_prior():
     assert estimated[0] == pytest.approx(0.25 * 0.1 / 1.25, rel=1e-6)
 
 
-@pytest.mark.parametrize("windows", [200, 20_000])
+def test_min_windows_weakens_small_buffers():
+    # 16 windows: the prior is worth 10 windows, not 0.16, so q = 10 s / 26.
+    logits = np.full((16, 1), -200.0)
+    estimated = estimate_priors(logits, 0.1, strength=0.01, min_windows=10.0)
+    assert estimated[0] == pytest.approx(10 * 0.1 / 26, rel=1e-6)
+    assert prior_shift(logits, 0.1)[0] == pytest.approx(-1.02, abs=0.01)
+
+
+@pytest.mark.parametrize("windows", [2_000, 20_000])
 def test_absent_class_shift_is_capped(windows):
     logits = np.full((windows, 2), -30.0)
     logits[: windows // 4, 0] = 5.0
@@ -53,8 +61,8 @@ def test_absent_class_shift_is_capped(windows):
 def test_plain_em_shift_grows_with_iterations():
     # Every posterior a little below the source prior: each EM step lowers the prior by about 0.5 logits.
     logits = np.full((1000, 1), logit(0.01) - 0.5)
-    short = prior_shift(logits, 0.01, strength=0.0, iterations=10, tolerance=0.0)
-    long = prior_shift(logits, 0.01, strength=0.0, iterations=200, tolerance=0.0)
+    short = prior_shift(logits, 0.01, strength=0.0, iterations=10, tolerance=0.0, min_windows=0.0)
+    long = prior_shift(logits, 0.01, strength=0.0, iterations=200, tolerance=0.0, min_windows=0.0)
     assert short[0] == pytest.approx(-5.0, abs=0.2)
     assert long[0] < short[0] - 10.0
 
@@ -74,6 +82,7 @@ def test_both_directions_raise_a_common_class():
 @pytest.mark.parametrize("kwargs, message", [
     ({"direction": "up"}, "direction"),
     ({"strength": -1.0}, "strength"),
+    ({"min_windows": -1.0}, "min_windows"),
     ({"source_prior": 1.5}, "source priors"),
 ])
 def test_invalid_arguments_raise(kwargs, message):

@@ -179,7 +179,7 @@ def test_collapse_guard_blocks_many_detections_per_window():
 
 
 def test_collapse_guard_blocks_changed_top_class_on_confident_windows():
-    config = AdaptationConfig()
+    config = AdaptationConfig(min_confident_windows=10)
     source = np.full((10, 3), -4.0)
     source[:, 0] = 2.0
     # The same scores, but the top class of 2 of the 10 confident windows moves to class 1.
@@ -190,6 +190,15 @@ def test_collapse_guard_blocks_changed_top_class_on_confident_windows():
     assert "agrees with the source head's on 0.800 of the 10 windows" in decision.reason
     candidate[1, 1] = -4.0
     assert check_collapse(source, candidate, config).accepted
+
+
+def test_collapse_guard_skips_agreement_on_few_confident_windows():
+    source = np.full((10, 3), -4.0)
+    source[:, 0] = 2.0
+    candidate = source.copy()
+    candidate[:5, 1] = 3.0
+    assert check_collapse(source, candidate, AdaptationConfig(min_confident_windows=11)).accepted
+    assert not check_collapse(source, candidate, AdaptationConfig(min_confident_windows=10)).accepted
 
 
 def test_collapse_guard_accepts_small_change():
