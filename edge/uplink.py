@@ -156,15 +156,11 @@ class Uplink:
 
     def _run_network(self) -> None:
         while not self._stopping.is_set():
-            if self._on_connecting is not None:
-                self._on_connecting(self._client)
             try:
-                self._client.reconnect()
-            except OSError as error:
-                _LOGGER.warning("recorder %s: could not connect to the broker at %s:%d: %s", self._name,
-                                self._host, self._port, error)
-            else:
-                self._loop_until_disconnected()
+                self._connect_and_loop()
+            except Exception:
+                # A failure in a callback must not end the thread that reconnects for months.
+                _LOGGER.exception("recorder %s: the MQTT connection failed; reconnecting", self._name)
             self.connected.clear()
 
             # Only a connection that lasted as long as the maximum delay restarts the backoff sequence.
@@ -178,6 +174,17 @@ class Uplink:
             _LOGGER.info("recorder %s: reconnecting in %.1f s (attempt %d)", self._name, delay,
                          self._backoff.attempts)
             self._stopping.wait(delay)
+
+    def _connect_and_loop(self) -> None:
+        if self._on_connecting is not None:
+            self._on_connecting(self._client)
+        try:
+            self._client.reconnect()
+        except OSError as error:
+            _LOGGER.warning("recorder %s: could not connect to the broker at %s:%d: %s", self._name,
+                            self._host, self._port, error)
+            return
+        self._loop_until_disconnected()
 
     def _loop_until_disconnected(self) -> None:
         disconnect_sent = False
@@ -193,25 +200,36 @@ class Uplink:
     def _run_sender(self) -> None:
         # Entries handed to paho, by message id, in queue order.
         in_flight: dict[int, OutboxEntry] = {}
+        while not self._stopping.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            try:
+                self._send_step(in_flight)
+            except Exception:
+                # Queued messages stay on disk, and the next step tries again.
+                _LOGGER.exception("recorder %s: sending from the outbox failed; retrying", self._name)
+                self._stopping.wait(1.0)
         try:
-            while not self._stopping.is_set():
-                self._wake.wait(0.5)
-                self._wake.clear()
-                self._collect_acknowledged(in_flight)
-                if not self.connected.is_set():
-                    continue
-                if self._resend_pending and in_flight:
-                    continue  # paho sends these again first, so newer entries wait to keep the order
-                self._resend_pending = False
-                self._hand_out(in_flight)
             self._collect_acknowledged(in_flight)
         except Exception:
-            _LOGGER.exception("recorder %s: the outbox sender failed; queued messages stay on disk", self._name)
+            _LOGGER.exception("recorder %s: recording the last PUBACKs failed; those messages are sent again "
+                              "after a restart", self._name)
         finally:
             self._sender_done.set()
 
+    def _send_step(self, in_flight: dict[int, OutboxEntry]) -> None:
+        self._collect_acknowledged(in_flight)
+        if not self.connected.is_set():
+            return
+        if self._resend_pending and in_flight:
+            return  # paho sends these again first, so newer entries wait to keep the order
+        self._resend_pending = False
+        self._hand_out(in_flight)
+
     def _collect_acknowledged(self, in_flight: dict[int, OutboxEntry]) -> None:
         """Delete the entries whose PUBACK arrived; PUBACKs of status and ack messages match no entry."""
+        # NOTE: a PUBACK means the broker has the message, not the base station. A broker that crashes
+        # before passing a message on loses it, unless its persistence had saved it.
         acknowledged = []
         while self._acknowledged_mids:
             entry = in_flight.pop(self._acknowledged_mids.popleft(), None)
