@@ -173,6 +173,41 @@ def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "pushed heads must be signed with its private key. Without it the recorder runs "
                              "the source head and rejects every pushed head")
 
+    parser.add_argument("--windows-per-message", type=int, default=RecorderConfig.windows_per_message,
+                        metavar="N", help="embeddings per MQTT message, 1 to 256 (default %(default)s)")
+
+    queue = parser.add_argument_group("store and forward")
+    queue.add_argument("--queue-max-mb", type=float, default=RecorderConfig.queue_max_bytes / 2**20, metavar="MIB",
+                       help="quota of the on-disk queue of messages not yet acknowledged by the broker, in MiB of "
+                            "payload; past it the oldest unsent messages are dropped and counted in the status "
+                            "(default %(default).0f; 0 for no limit)")
+    queue.add_argument("--queue-max-entries", type=int, default=0, metavar="N",
+                       help="quota of the queue in messages (default 0, no limit)")
+    queue.add_argument("--reconnect-min-delay", type=float, default=RecorderConfig.reconnect_min_delay_s,
+                       metavar="SECONDS", help="upper bound of the first reconnect delay (default %(default)s)")
+    queue.add_argument("--reconnect-max-delay", type=float, default=RecorderConfig.reconnect_max_delay_s,
+                       metavar="SECONDS", help="cap of the reconnect delay, which doubles per failed attempt and "
+                                               "is drawn at random below that bound (default %(default)s)")
+    queue.add_argument("--drain-timeout", type=float, default=RecorderConfig.drain_timeout_s, metavar="SECONDS",
+                       help="after --input ends (without --stay), wait this long for queued messages to be "
+                            "acknowledged before exiting; the rest is sent after the next start "
+                            "(default %(default)s)")
+    queue.add_argument("--clock-offset", type=float, default=0.0, metavar="SECONDS",
+                       help="add this many seconds to every timestamp the recorder sends, for a recorder whose "
+                            "clock is known to be off; sequence numbers, which order the data, are not affected")
+
+
+def _queue_quota_bytes(mebibytes: float) -> int | None:
+    if mebibytes < 0:
+        raise ValueError(f"--queue-max-mb {mebibytes} is invalid: use a size in MiB, or 0 for no limit")
+    return None if mebibytes == 0 else max(1, int(mebibytes * 2**20))
+
+
+def _queue_quota_entries(entries: int) -> int | None:
+    if entries < 0:
+        raise ValueError(f"--queue-max-entries {entries} is invalid: use a number of messages, or 0 for no limit")
+    return None if entries == 0 else entries
+
 
 def run_edge(args: argparse.Namespace) -> int:
     from dawnchorus.edge.audio import FileSource, MicrophoneSource
@@ -190,9 +225,13 @@ def run_edge(args: argparse.Namespace) -> int:
     config = RecorderConfig(
         device=args.device, site=args.site, broker_host=args.broker[0], broker_port=args.broker[1],
         username=username, password=password, state_dir=args.state_dir, min_conf=args.min_conf,
-        sensitivity=args.sensitivity, head_public_key=public_key,
+        sensitivity=args.sensitivity, windows_per_message=args.windows_per_message, head_public_key=public_key,
         # The species file is the site's class list, which every pushed head must match.
         head_labels=list(head.labels) if args.species_file is not None else None,
+        queue_max_bytes=_queue_quota_bytes(args.queue_max_mb),
+        queue_max_entries=_queue_quota_entries(args.queue_max_entries),
+        reconnect_min_delay_s=args.reconnect_min_delay, reconnect_max_delay_s=args.reconnect_max_delay,
+        drain_timeout_s=args.drain_timeout, clock_offset_s=args.clock_offset,
     )
 
     if args.input:

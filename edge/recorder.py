@@ -1,10 +1,12 @@
 """The recorder unit: audio in, embeddings and detections out over MQTT, heads in.
 
-One thread runs the audio source and the inference pipeline and publishes
-what it produces. paho's network thread receives manifests and blobs,
-verifies them and hands a verified head to the pipeline, which swaps it in
-between batches. The recorder acknowledges a version once windows are being
-scored with it (or at once when it is idle).
+One thread runs the audio source and the inference pipeline and queues
+what it produces in the outbox, a queue on disk that the uplink drains
+whenever the broker is reachable (see outbox.py and uplink.py). paho's
+network thread receives manifests and blobs, verifies them and hands a
+verified head to the pipeline, which swaps it in between batches. The
+recorder acknowledges a version once windows are being scored with it (or
+at once when it is idle).
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dawnchorus.edge.audio import Window
+from dawnchorus.edge.backoff import Backoff
+from dawnchorus.edge.outbox import DEFAULT_MAX_BYTES, Outbox
 from dawnchorus.edge.ota import HeadRejected, HeadStore, check_manifest, verify_head
 from dawnchorus.edge.pipeline import InferencePipeline, ScoredBatch
+from dawnchorus.edge.uplink import Uplink
 from dawnchorus.models.backbone import Backbone
 from dawnchorus.models.head import HeadRunner, LinearHead, sigmoid
 from dawnchorus.protocol import topics
@@ -60,6 +65,17 @@ class RecorderConfig:
         head_labels: the class list that every head must have, normally the site's
             species list. With None, the first head that the recorder installs or
             restores fixes the list.
+        queue_max_bytes, queue_max_entries: quota of the outbox, the queue of
+            embeddings and detections not yet acknowledged by the broker; None
+            is no limit. Past it, the oldest unsent messages are dropped.
+        reconnect_min_delay_s, reconnect_max_delay_s: the reconnect backoff. The
+            delay before the n-th attempt in a row is drawn uniformly from
+            [0, min(max, min * 2**n)].
+        drain_timeout_s: after a replay ends, seconds to wait for the outbox to
+            empty before exiting; what is left is sent after the next start.
+        clock_offset_s: seconds added to every timestamp the recorder sends
+            (window start times, detections, status, acks), for a recorder whose
+            clock is known to be off. Sequence numbers are not affected.
     """
 
     device: str
@@ -76,6 +92,12 @@ class RecorderConfig:
     keepalive_s: int = 30
     head_public_key: Ed25519PublicKey | None = None
     head_labels: list[str] | None = None
+    queue_max_bytes: int | None = DEFAULT_MAX_BYTES
+    queue_max_entries: int | None = None
+    reconnect_min_delay_s: float = 1.0
+    reconnect_max_delay_s: float = 60.0
+    drain_timeout_s: float = 60.0
+    clock_offset_s: float = 0.0
 
     def __post_init__(self):
         topics.validate_id(self.device, "device id")
@@ -86,28 +108,11 @@ class RecorderConfig:
             raise ValueError(f"sensitivity {self.sensitivity} must be in [0.5, 1.5], as in BirdNET")
         if not 1 <= self.windows_per_message <= 256:
             raise ValueError(f"windows_per_message {self.windows_per_message} must be 1 to 256")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain timeout {self.drain_timeout_s} s is invalid: use 0 or more seconds")
+        # Backoff validates the delays.
+        Backoff(self.reconnect_min_delay_s, self.reconnect_max_delay_s)
         self.state_dir = pathlib.Path(self.state_dir)
-
-
-class _SequenceCounter:
-    """Per-device sequence numbers that never repeat, even across restarts.
-
-    The next free number is written to disk before a message uses it, so a
-    crash can skip numbers but never reuse one (the base station deduplicates
-    by device and sequence number, so a reused number would lose data).
-    """
-
-    def __init__(self, path: pathlib.Path):
-        self._path = path
-        self._next = int(path.read_text()) if path.exists() else 0
-
-    def take(self, count: int) -> np.ndarray:
-        first = self._next
-        self._next += count
-        partial = self._path.with_name(self._path.name + ".partial")
-        partial.write_text(str(self._next))
-        os.replace(partial, self._path)
-        return np.arange(first, first + count, dtype=np.uint64)
 
 
 class Recorder:
@@ -125,7 +130,13 @@ class Recorder:
         self._source = source
         self._state_dir = config.state_dir / config.device
         self._state_dir.mkdir(parents=True, exist_ok=True)
-        self._sequence = _SequenceCounter(self._state_dir / "next_sequence")
+        # Sequence numbers are committed to the outbox's database before use, so
+        # a crash can skip numbers but never reuse one: the base station
+        # deduplicates by device and sequence number, so a reused number would
+        # lose data.
+        self._outbox = Outbox(self._state_dir / "outbox.sqlite3", max_bytes=config.queue_max_bytes,
+                              max_entries=config.queue_max_entries,
+                              legacy_sequence_path=self._state_dir / "next_sequence")
         self._reference_path = self._state_dir / "reference.npy"
         self._reference = np.load(self._reference_path) if self._reference_path.exists() else None
         self._store = HeadStore(self._state_dir / "heads")
@@ -155,6 +166,11 @@ class Recorder:
         self._unsent: list[tuple[Window, np.ndarray, int]] = []
 
         self._client = self._make_client()
+        self._uplink = Uplink(
+            self._client, config.broker_host, config.broker_port, config.keepalive_s, self._outbox,
+            Backoff(config.reconnect_min_delay_s, config.reconnect_max_delay_s), config.device,
+            on_connecting=self._set_last_will, on_connected=self._on_connected,
+        )
 
     # MQTT -----------------------------------------------------------------
 
@@ -164,13 +180,8 @@ class Recorder:
             client_id=f"dawnchorus-recorder-{self.config.device}",
             clean_session=True,
         )
-        offline = Status(self.config.device, self.config.site, "offline", self.head_version, time=time.time())
         if self.config.username is not None:
             client.username_pw_set(self.config.username, self.config.password)
-        client.will_set(self._topic("status"), offline.encode(), qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=60)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
         client.message_callback_add(topics.manifest_topic(self.config.site), self._on_manifest)
         client.message_callback_add(f"{topics.ROOT}/{self.config.site}/{topics.MODEL_SEGMENT}/blob/+", self._on_blob)
         return client
@@ -178,19 +189,27 @@ class Recorder:
     def _topic(self, kind: str) -> str:
         return topics.device_topic(self.config.site, self.config.device, kind)
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            _LOGGER.error("recorder %s: broker refused the connection: %s", self.config.device, reason_code)
-            return
-        _LOGGER.info("recorder %s (site %s) connected to %s:%d", self.config.device, self.config.site,
-                     self.config.broker_host, self.config.broker_port)
+    def _now(self) -> float:
+        """Return the unix time that the recorder reports, with ``clock_offset_s`` applied."""
+        return time.time() + self.config.clock_offset_s
+
+    def _status(self, state: str) -> Status:
+        queue = self._outbox.stats()
+        return Status(self.config.device, self.config.site, state, self.head_version,
+                      self.counters["windows"], self._now(), dict(self.counters),
+                      queue_depth=queue.depth, queue_bytes=queue.bytes, queue_dropped=queue.dropped,
+                      queue_dropped_windows=queue.dropped_windows)
+
+    def _set_last_will(self, client: mqtt.Client) -> None:
+        """Set the offline status that the broker publishes if the recorder vanishes, with the current counts."""
+        client.will_set(self._topic("status"), self._status("offline").encode(), qos=1, retain=True)
+
+    def _on_connected(self, client: mqtt.Client) -> None:
+        queue = self._outbox.stats()
+        _LOGGER.info("recorder %s (site %s) connected to %s:%d; %d messages queued", self.config.device,
+                     self.config.site, self.config.broker_host, self.config.broker_port, queue.depth)
         client.subscribe(topics.manifest_topic(self.config.site), qos=1)
         self._publish_status("online")
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if not self._stop.is_set():
-            _LOGGER.warning("recorder %s disconnected (%s); paho reconnects with backoff",
-                            self.config.device, reason_code)
 
     def _on_manifest(self, client, userdata, message) -> None:
         if not message.payload:
@@ -252,20 +271,14 @@ class Recorder:
         self.counters["heads_rejected"] += 1
         _LOGGER.error("recorder %s: rejected head v%d of site %s: %s; keeps running v%d",
                       self.config.device, manifest.version, manifest.site, reason, self.head_version)
-        self._publish(self._topic("ack"), Ack(self.config.device, self.config.site, manifest.version,
-                                              False, reason, time.time()).encode())
-
-    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            _LOGGER.error("recorder %s: publish to %s failed: %s", self.config.device, topic,
-                          mqtt.error_string(info.rc))
+        self._uplink.publish_now(self._topic("ack"), Ack(self.config.device, self.config.site, manifest.version,
+                                                         False, reason, self._now()).encode())
 
     def _publish_status(self, state: str = "online") -> None:
+        """Publish the retained status, unless the broker is unreachable: a fresh one follows on connect."""
         self._last_status = time.monotonic()
-        status = Status(self.config.device, self.config.site, state, self.head_version,
-                        self.counters["windows"], time.time(), dict(self.counters))
-        self._publish(self._topic("status"), status.encode(), retain=True)
+        self._uplink.publish_now(self._topic("status"), self._status(state).encode(), retain=True,
+                                 when_offline=False)
 
     # Inference ------------------------------------------------------------
 
@@ -284,26 +297,28 @@ class Recorder:
             return
         self.counters["heads_applied"] += 1
         _LOGGER.info("recorder %s: now running head v%d", self.config.device, version)
-        self._publish(self._topic("ack"), Ack(self.config.device, self.config.site, version, True,
-                                              "", time.time()).encode())
+        self._uplink.publish_now(self._topic("ack"), Ack(self.config.device, self.config.site, version, True,
+                                                         "", self._now()).encode())
         self._publish_status()
 
     def _handle_batch(self, batch: ScoredBatch) -> None:
         version = int(batch.head.version)
         scores = sigmoid(batch.logits, self.config.sensitivity)
-        sequence = self._sequence.take(len(batch.windows))
+        sequence = self._outbox.allocate_sequence(len(batch.windows))
+        offset = self.config.clock_offset_s
 
         detections = []
         for row, (window, seq) in enumerate(zip(batch.windows, sequence)):
             for column in np.flatnonzero(scores[row] >= self.config.min_conf):
                 detections.append(Detection(
-                    self.config.device, self.config.site, int(seq), window.start_time,
-                    window.start_time + 3.0, batch.head.labels[column], round(float(scores[row, column]), 4),
-                    version,
+                    self.config.device, self.config.site, int(seq), window.start_time + offset,
+                    window.start_time + offset + 3.0, batch.head.labels[column],
+                    round(float(scores[row, column]), 4), version,
                 ))
         if detections:
             self.counters["detections"] += len(detections)
-            self._publish(self._topic("detections"), encode_detections(detections))
+            self._outbox.put(self._topic("detections"), encode_detections(detections), windows=0,
+                             first_sequence=int(sequence[0]))
 
         for window, embedding, seq in zip(batch.windows, batch.embeddings, sequence):
             self._unsent.append((window, embedding, int(seq)))
@@ -325,10 +340,11 @@ class Recorder:
                 site=self.config.site,
                 head_version=version,
                 sequence=np.array([seq for _, _, seq in chunk], dtype=np.uint64),
-                start_time=np.array([window.start_time for window, _, _ in chunk]),
+                start_time=np.array([window.start_time + self.config.clock_offset_s for window, _, _ in chunk]),
                 embeddings=np.stack([embedding for _, embedding, _ in chunk]),
             )
-            self._publish(self._topic("embeddings"), encode_embeddings(message))
+            self._outbox.put(self._topic("embeddings"), encode_embeddings(message), windows=len(chunk),
+                             first_sequence=chunk[0][2])
             self.counters["messages"] += 1
 
     def _save_reference(self) -> None:
@@ -351,8 +367,7 @@ class Recorder:
         config = self.config
         _LOGGER.info("recorder %s starting: site %s, head v%d, broker %s:%d", config.device, config.site,
                      self.head_version, config.broker_host, config.broker_port)
-        self._client.connect_async(config.broker_host, config.broker_port, keepalive=config.keepalive_s)
-        self._client.loop_start()
+        self._uplink.start()
         try:
             for batch in self.pipeline.run(self._source):
                 self._handle_batch(batch)
@@ -366,6 +381,8 @@ class Recorder:
             self.finished.set()
             self._publish_status()
             _LOGGER.info("recorder %s: source finished after %d windows", config.device, self.counters["windows"])
+            if not stay_after_source and not self._stop.is_set():
+                self._drain()
 
             while stay_after_source and not self._stop.wait(0.2):
                 self.pipeline.apply_pending_head()
@@ -374,7 +391,22 @@ class Recorder:
                     self._publish_status()
         finally:
             self._publish_status("offline")
-            time.sleep(0.2)
-            self._client.disconnect()
-            self._client.loop_stop()
-            _LOGGER.info("recorder %s stopped", config.device)
+            self._uplink.stop()
+            queue = self._outbox.stats()
+            self._outbox.close()
+            _LOGGER.info("recorder %s stopped; %d messages stay queued for the next start", config.device,
+                         queue.depth)
+
+    def _drain(self) -> None:
+        """Wait, up to ``drain_timeout_s``, until the broker has acknowledged every queued message."""
+        queued = self._outbox.stats().depth
+        if queued == 0:
+            return
+        _LOGGER.info("recorder %s: waiting up to %.0f s for %d queued messages to be sent", self.config.device,
+                     self.config.drain_timeout_s, queued)
+        if self._uplink.wait_drained(self.config.drain_timeout_s, cancel=self._stop):
+            _LOGGER.info("recorder %s: every queued message was acknowledged", self.config.device)
+        else:
+            _LOGGER.warning("recorder %s: %d messages are still queued after %.0f s; they are sent after the next "
+                            "start", self.config.device, self._outbox.stats().depth, self.config.drain_timeout_s)
+

@@ -53,6 +53,16 @@ def _id_field(obj: dict[str, Any], name: str, what: str) -> str:
         raise PayloadError(f"{what}: {error}") from error
 
 
+def _count_field(obj: dict[str, Any], name: str, what: str) -> int:
+    """Return an optional non-negative integer field, 0 when it is absent."""
+    if name not in obj:
+        return 0
+    value = _field(obj, name, int, what)
+    if value < 0:
+        raise PayloadError(f"{what} field {name!r} must not be negative, got {value}")
+    return value
+
+
 def _dumps(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
@@ -116,7 +126,19 @@ def decode_detections(payload: bytes) -> list[Detection]:
 
 @dataclasses.dataclass
 class Status:
-    """A recorder's retained status; the broker publishes ``state="offline"`` as its last will."""
+    """A recorder's retained status; the broker publishes ``state="offline"`` as its last will.
+
+    The ``queue_*`` fields describe the recorder's outbox, the messages not yet
+    acknowledged by the broker. Recorders before they existed do not send
+    them, and they decode as 0.
+
+    Attributes:
+        queue_depth: messages queued.
+        queue_bytes: payload bytes queued.
+        queue_dropped: messages dropped unsent, because the queue quota was
+            reached or the disk was full, over the life of the recorder's state.
+        queue_dropped_windows: embedding windows in the dropped messages.
+    """
 
     device: str
     site: str
@@ -125,8 +147,13 @@ class Status:
     windows: int = 0
     time: float = 0.0
     counters: dict[str, int] = dataclasses.field(default_factory=dict)
+    queue_depth: int = 0
+    queue_bytes: int = 0
+    queue_dropped: int = 0
+    queue_dropped_windows: int = 0
 
     STATES = ("online", "offline", "finished")
+    QUEUE_FIELDS = ("queue_depth", "queue_bytes", "queue_dropped", "queue_dropped_windows")
 
     def encode(self) -> bytes:
         return _dumps(dataclasses.asdict(self))
@@ -149,6 +176,7 @@ class Status:
             windows=int(obj.get("windows", 0)),
             time=float(obj.get("time", 0.0)),
             counters={str(k): int(v) for k, v in counters.items()},
+            **{name: _count_field(obj, name, what) for name in cls.QUEUE_FIELDS},
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import pwd
 import shutil
 import signal
 import socket
@@ -47,38 +48,61 @@ def _wait_for_port(port: int, timeout: float) -> bool:
 
 
 class Mosquitto:
-    """A Mosquitto process on a free loopback port, with queue limits raised as in deploy/."""
+    """A Mosquitto process on a free loopback port, with queue limits raised as in deploy/.
 
-    def __init__(self, directory: pathlib.Path):
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not os.path.exists(binary):
+    ``extra_config`` is appended to the configuration. ``kill`` and ``start``
+    stop and restart the broker on the same port, for fault tests.
+    """
+
+    def __init__(self, directory: pathlib.Path, extra_config: str = ""):
+        self._binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not os.path.exists(self._binary):
             pytest.fail("mosquitto is not installed: run .ci/run, or apt-get install mosquitto")
         self.port = _free_port()
         self.host = "127.0.0.1"
-        config = directory / "mosquitto.conf"
-        config.write_text(
+        self.directory = directory
+        self.log_path = directory / "mosquitto.log"
+        self._config = directory / "mosquitto.conf"
+        self._extra_config = extra_config
+        self._log = None
+        self._process: subprocess.Popen | None = None
+        self.start()
+
+    def start(self, override: str = "") -> None:
+        """Start the broker, with the configuration lines in ``override`` added for this run only."""
+        # Later lines override earlier ones in a Mosquitto configuration.
+        self._config.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence false\n"
             "max_queued_messages 100000\n"
             "max_inflight_messages 0\n"
+            + self._extra_config + override
         )
-        self._log = open(directory / "mosquitto.log", "w")
-        self._process = subprocess.Popen([binary, "-c", str(config)], stdout=self._log, stderr=subprocess.STDOUT)
+        self._log = open(self.log_path, "a")
+        self._process = subprocess.Popen([self._binary, "-c", str(self._config)], stdout=self._log,
+                                         stderr=subprocess.STDOUT)
         if not _wait_for_port(self.port, 10):
             self.stop()
-            pytest.fail(f"mosquitto did not listen on 127.0.0.1:{self.port}; see {directory}/mosquitto.log")
+            pytest.fail(f"mosquitto did not listen on 127.0.0.1:{self.port}; see {self.log_path}")
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash or power cut would stop it."""
+        self._process.kill()
+        self._process.wait(timeout=10)
+        self._log.close()
+
     def stop(self) -> None:
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
         self._log.close()
 
 
@@ -213,3 +237,20 @@ def observer(mosquitto) -> MqttObserver:
     watcher = MqttObserver(mosquitto)
     yield watcher
     watcher.close()
+
+
+@pytest.fixture()
+def persistent_mosquitto(tmp_path) -> Mosquitto:
+    """A broker of the test's own, which keeps sessions and queued messages across ``kill`` and ``start``.
+
+    It saves its database every second, so a subscriber's persistent session
+    (clean_session False) survives a SIGKILL once the broker saved it.
+    """
+    directory = tmp_path / "broker"
+    directory.mkdir()
+    broker = Mosquitto(directory, extra_config=(
+        f"persistence true\npersistence_location {directory}/\nautosave_interval 1\n"
+        # Started as root, Mosquitto switches to this user, which must be able to write the test's folder.
+        f"user {pwd.getpwuid(os.getuid()).pw_name}\n"))
+    yield broker
+    broker.stop()

@@ -1,0 +1,328 @@
+"""The recorder's store-and-forward queue: a bounded outbox in SQLite.
+
+Every embeddings batch and detections message is committed here before it
+is published, and an entry is deleted only once the broker has acknowledged
+its QoS 1 publish. The queue therefore survives a broker outage and a
+recorder restart, SIGKILL included, and it is drained in the order in which
+entries were queued.
+
+The same database stores the per-device sequence counter. The counter is
+committed before its numbers are used, in the same write-ahead log as the
+entries that carry them. So after a crash or a power cut the counter is never
+behind a queued or published number, and a number is never reused.
+
+When the queue exceeds its quota, the oldest entries that have not been
+handed to the MQTT client yet are deleted. The number of dropped entries,
+and of the embedding windows they held, is stored with the queue and
+reported in the recorder's status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import sqlite3
+import threading
+
+import numpy as np
+
+_LOGGER = logging.getLogger(__name__)
+
+# SQLite's result code for a full disk; sqlite3.SQLITE_FULL exists only from Python 3.11.
+_SQLITE_FULL = 13
+
+# 512 MiB of payloads. A 16-window embeddings message is about 33 KiB, so
+# this is room for about 15,000 messages: 240,000 windows, over 8 days of audio
+# recorded without a broker, and fits on any SD card a recorder runs from.
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    windows INTEGER NOT NULL,
+    first_sequence INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class OutboxEntry:
+    """One queued MQTT message.
+
+    Attributes:
+        id: position in the queue; ids only grow, over the life of the database.
+        topic: MQTT topic to publish on, at QoS 1.
+        payload: the encoded message.
+        windows: embedding windows in the message; 0 for detections.
+        first_sequence: sequence number of the message's first window, for logs.
+    """
+
+    id: int
+    topic: str
+    payload: bytes
+    windows: int
+    first_sequence: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OutboxStats:
+    """Queue depth and drop counts, as the recorder's status reports them.
+
+    Attributes:
+        depth: entries queued, acknowledged ones excluded.
+        bytes: payload bytes queued.
+        dropped: entries deleted unsent because the quota was reached or the
+            disk was full, since the database was created.
+        dropped_windows: embedding windows in those entries.
+    """
+
+    depth: int
+    bytes: int
+    dropped: int
+    dropped_windows: int
+
+
+class Outbox:
+    """A bounded, persistent FIFO of MQTT messages, shared by the recorder thread and the sender.
+
+    Args:
+        path: the SQLite database file; it is created if missing.
+        max_bytes: quota on queued payload bytes, or None for no limit.
+        max_entries: quota on queued entries, or None for no limit.
+        legacy_sequence_path: a ``next_sequence`` file that older versions
+            kept; the counter starts at no less than the number in it.
+    """
+
+    def __init__(
+        self,
+        path: pathlib.Path,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
+        max_entries: int | None = None,
+        legacy_sequence_path: pathlib.Path | None = None,
+    ):
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"queue quota of {max_bytes} bytes is invalid: use at least 1, or no limit")
+        if max_entries is not None and max_entries < 1:
+            raise ValueError(f"queue quota of {max_entries} entries is invalid: use at least 1, or no limit")
+        self.path = pathlib.Path(path)
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        # Entries with an id below the cursor were handed to the MQTT client and wait for their PUBACK.
+        self._cursor = 0
+
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL syncs the log on every commit, so a power cut cannot roll the
+        # sequence counter back below numbers that were already published.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._depth, self._bytes = self._db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM entries").fetchone()
+        self._import_legacy_sequence(legacy_sequence_path)
+        if self._depth:
+            _LOGGER.info("outbox %s: %d queued messages (%d bytes) from an earlier run", self.path,
+                         self._depth, self._bytes)
+
+    def _import_legacy_sequence(self, path: pathlib.Path | None) -> None:
+        if path is None or not path.exists():
+            return
+        legacy = int(path.read_text())
+        with self._lock:
+            if legacy > self._counter("next_sequence"):
+                self._db.execute("BEGIN IMMEDIATE")
+                self._set_counter("next_sequence", legacy)
+                self._db.execute("COMMIT")
+
+    def _counter(self, name: str) -> int:
+        row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _set_counter(self, name: str, value: int) -> None:
+        self._db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
+                         "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (name, value))
+
+    # Sequence numbers ---------------------------------------------------------
+
+    def allocate_sequence(self, count: int) -> np.ndarray:
+        """Reserve ``count`` sequence numbers and commit the counter before returning them.
+
+        Returns:
+            [count] uint64, consecutive numbers that no earlier call returned.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                first = self._counter("next_sequence")
+                self._set_counter("next_sequence", first + count)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return np.arange(first, first + count, dtype=np.uint64)
+
+    @property
+    def next_sequence(self) -> int:
+        with self._lock:
+            return self._counter("next_sequence")
+
+    # Queue --------------------------------------------------------------------
+
+    def put(self, topic: str, payload: bytes, windows: int, first_sequence: int) -> bool:
+        """Queue a message, dropping the oldest unsent entries to stay within the quota.
+
+        Returns:
+            True if the message was queued. False if the disk is full or the
+            database failed even after the oldest entries were dropped: the
+            message is then counted as dropped and logged.
+        """
+        with self._lock:
+            for attempt in range(2):
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._evict_for(len(payload))
+                    self._db.execute(
+                        "INSERT INTO entries (topic, payload, windows, first_sequence) VALUES (?, ?, ?, ?)",
+                        (topic, payload, windows, first_sequence))
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as error:
+                    self._rollback()
+                    self._depth, self._bytes = self._db.execute(
+                        "SELECT count(*), coalesce(sum(length(payload)), 0) FROM entries").fetchone()
+                    if attempt == 0 and _is_disk_full(error) and self._free_space_by_eviction():
+                        continue
+                    self._count_lost(windows, topic, first_sequence, error)
+                    return False
+                self._depth += 1
+                self._bytes += len(payload)
+                return True
+        return False
+
+    def _evict_for(self, incoming_bytes: int) -> None:
+        """Delete the oldest unsent entries until one more entry of ``incoming_bytes`` fits the quota."""
+        excess_entries = 0 if self.max_entries is None else self._depth + 1 - self.max_entries
+        excess_bytes = 0 if self.max_bytes is None else self._bytes + incoming_bytes - self.max_bytes
+        if excess_entries <= 0 and excess_bytes <= 0:
+            return
+        victims = []
+        freed_bytes = 0
+        rows = self._db.execute(
+            "SELECT id, length(payload), windows, first_sequence FROM entries WHERE id >= ? ORDER BY id",
+            (self._cursor,))
+        for row in rows:
+            if len(victims) >= excess_entries and freed_bytes >= excess_bytes:
+                break
+            victims.append(row)
+            freed_bytes += row[1]
+        if victims:
+            self._delete_as_dropped(victims, "the queue quota was reached")
+
+    def _free_space_by_eviction(self) -> bool:
+        """Drop the oldest tenth of the unsent entries after SQLite reported a full disk."""
+        rows = self._db.execute(
+            "SELECT id, length(payload), windows, first_sequence FROM entries WHERE id >= ? ORDER BY id",
+            (self._cursor,)).fetchall()
+        if not rows:
+            return False
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._delete_as_dropped(rows[:max(1, len(rows) // 10)], "the disk is full")
+            self._db.execute("COMMIT")
+        except sqlite3.Error as error:
+            self._rollback()
+            _LOGGER.error("outbox %s: could not free space on a full disk: %s", self.path, error)
+            return False
+        return True
+
+    def _delete_as_dropped(self, rows: list[tuple[int, int, int, int]], reason: str) -> None:
+        """Delete entries inside the caller's transaction and count them as dropped."""
+        self._db.executemany("DELETE FROM entries WHERE id = ?", [(row[0],) for row in rows])
+        dropped_windows = sum(row[2] for row in rows)
+        self._set_counter("dropped", self._counter("dropped") + len(rows))
+        self._set_counter("dropped_windows", self._counter("dropped_windows") + dropped_windows)
+        self._depth -= len(rows)
+        self._bytes -= sum(row[1] for row in rows)
+        _LOGGER.warning("outbox %s: %s, dropped the %d oldest unsent messages (%d embedding windows, "
+                        "sequence numbers from %d)", self.path, reason, len(rows), dropped_windows, rows[0][3])
+
+    def _count_lost(self, windows: int, topic: str, first_sequence: int, error: sqlite3.Error) -> None:
+        _LOGGER.error("outbox %s: could not queue the message for %s (%d windows from sequence %d), "
+                      "dropped it: %s", self.path, topic, windows, first_sequence, error)
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._set_counter("dropped", self._counter("dropped") + 1)
+            self._set_counter("dropped_windows", self._counter("dropped_windows") + windows)
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            self._rollback()
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def take(self, limit: int) -> list[OutboxEntry]:
+        """Hand out up to ``limit`` entries that were not handed out yet, oldest first.
+
+        A handed-out entry stays queued, and safe from the quota, until
+        ``remove`` deletes it.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, payload, windows, first_sequence FROM entries WHERE id >= ? ORDER BY id LIMIT ?",
+                (self._cursor, limit)).fetchall()
+            if rows:
+                self._cursor = rows[-1][0] + 1
+        return [OutboxEntry(row[0], row[1], bytes(row[2]), row[3], row[4]) for row in rows]
+
+    def rewind(self, entry_id: int) -> None:
+        """Hand out entry ``entry_id`` and every later one again, for a message the MQTT client did not keep."""
+        with self._lock:
+            self._cursor = min(self._cursor, entry_id)
+
+    def remove(self, entry_ids: list[int]) -> None:
+        """Delete acknowledged entries.
+
+        A failed delete is logged and only means the entry is sent again
+        after a restart, which receivers deduplicate by sequence number.
+        """
+        if not entry_ids:
+            return
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                removed = self._db.execute(
+                    f"SELECT count(*), coalesce(sum(length(payload)), 0) FROM entries WHERE id IN "
+                    f"({','.join('?' * len(entry_ids))})", entry_ids).fetchone()
+                self._db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in entry_ids])
+                self._db.execute("COMMIT")
+            except sqlite3.Error as error:
+                self._rollback()
+                _LOGGER.error("outbox %s: could not delete %d acknowledged messages, they will be sent again "
+                              "after a restart: %s", self.path, len(entry_ids), error)
+                return
+            self._depth -= removed[0]
+            self._bytes -= removed[1]
+
+    def unsent(self) -> int:
+        """Return the number of entries not handed to the MQTT client yet."""
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM entries WHERE id >= ?", (self._cursor,)).fetchone()[0]
+
+    def stats(self) -> OutboxStats:
+        with self._lock:
+            return OutboxStats(self._depth, self._bytes, self._counter("dropped"), self._counter("dropped_windows"))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _is_disk_full(error: sqlite3.Error) -> bool:
+    return getattr(error, "sqlite_errorcode", None) == _SQLITE_FULL or "full" in str(error)

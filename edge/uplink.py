@@ -1,0 +1,254 @@
+"""The recorder's MQTT connection: reconnects with jittered backoff and drains the outbox in order.
+
+Two threads run here. The network thread owns the connection: it connects,
+runs paho's loop until the connection drops, waits a delay drawn from
+``Backoff`` and tries again. The sender thread publishes outbox entries at
+QoS 1, at most ``window`` at a time, and deletes an entry once paho reports
+the broker's PUBACK for it.
+
+paho keeps an unacknowledged QoS 1 message across a reconnect and sends it
+again after the new CONNACK. After a reconnect the sender therefore waits
+until those messages are acknowledged before it hands out newer entries,
+which keeps each device's messages in queue order at the broker.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+
+from dawnchorus.edge.backoff import Backoff
+from dawnchorus.edge.outbox import Outbox, OutboxEntry
+
+_LOGGER = logging.getLogger(__name__)
+
+# Unacknowledged messages handed to paho at a time. 16 messages of 16 windows
+# keep loopback and LAN links busy while the drain waits for PUBACKs. The
+# quota cannot evict these entries, so the queue can exceed its quota by this
+# many messages.
+DEFAULT_WINDOW = 16
+
+
+class Uplink:
+    """Connects a paho client with jittered backoff and publishes an ``Outbox`` through it.
+
+    Args:
+        client: a configured paho client (credentials, last will, message
+            callbacks). The uplink sets its ``on_connect``, ``on_disconnect``
+            and ``on_publish``.
+        host, port, keepalive_s: the broker and the MQTT keepalive.
+        outbox: the queue to drain.
+        backoff: the reconnect delays.
+        name: the recorder's device id, for logs.
+        on_connecting: called on the network thread before every connection
+            attempt, for example to update the last will.
+        on_connected: called on paho's network thread after every accepted connection.
+        window: unacknowledged messages at a time.
+    """
+
+    def __init__(
+        self,
+        client: mqtt.Client,
+        host: str,
+        port: int,
+        keepalive_s: int,
+        outbox: Outbox,
+        backoff: Backoff,
+        name: str,
+        on_connecting: Callable[[mqtt.Client], None] | None = None,
+        on_connected: Callable[[mqtt.Client], None] | None = None,
+        window: int = DEFAULT_WINDOW,
+    ):
+        self._client = client
+        self._host = host
+        self._port = port
+        self._keepalive_s = keepalive_s
+        self._outbox = outbox
+        self._backoff = backoff
+        self._name = name
+        self._on_connecting = on_connecting
+        self._on_connected = on_connected
+        self._window = window
+
+        self.connected = threading.Event()
+        self.connections = 0
+        self._connected_since: float | None = None
+        self._stopping = threading.Event()
+        self._sender_done = threading.Event()
+        self._wake = threading.Event()
+        # Message ids of PUBACKs, appended on the network thread and matched to entries on the sender thread.
+        self._acknowledged_mids: collections.deque[int] = collections.deque()
+        self._resend_pending = False
+        self._threads: list[threading.Thread] = []
+
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+
+    def start(self) -> None:
+        self._client.connect_async(self._host, self._port, keepalive=self._keepalive_s)
+        for target, label in ((self._run_network, "mqtt"), (self._run_sender, "outbox")):
+            thread = threading.Thread(target=target, name=f"{self._name}-{label}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wait_drained(self, timeout_s: float, cancel: threading.Event | None = None) -> bool:
+        """Wait until every queued entry is acknowledged; return False after ``timeout_s`` seconds or on ``cancel``."""
+        deadline = time.monotonic() + timeout_s
+        while self._outbox.stats().depth > 0:
+            if time.monotonic() > deadline or (cancel is not None and cancel.is_set()):
+                return False
+            self._wake.set()
+            time.sleep(0.1)
+        return True
+
+    def publish_now(self, topic: str, payload: bytes, retain: bool = False, when_offline: bool = True) -> None:
+        """Publish at QoS 1 outside the outbox (status, acks).
+
+        With ``when_offline`` False the message is skipped while the broker
+        is unreachable. Otherwise paho keeps it in memory and sends it after
+        the next CONNACK.
+        """
+        if not when_offline and not self.connected.is_set():
+            return
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            _LOGGER.error("recorder %s: publish to %s failed: %s", self._name, topic, mqtt.error_string(info.rc))
+
+    def stop(self) -> None:
+        """Stop sending, disconnect cleanly and join the threads. Queued entries stay in the outbox."""
+        self._stopping.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    # paho callbacks, on the network thread -----------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            _LOGGER.error("recorder %s: the broker at %s:%d rejected the connection: %s", self._name, self._host,
+                          self._port, reason_code)
+            return
+        self.connections += 1
+        self._connected_since = time.monotonic()
+        self._resend_pending = True
+        self.connected.set()
+        self._wake.set()
+        if self._on_connected is not None:
+            self._on_connected(client)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self._stopping.is_set():
+            _LOGGER.warning("recorder %s: disconnected from %s:%d (%s)", self._name, self._host, self._port,
+                            reason_code)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self._acknowledged_mids.append(mid)
+        self._wake.set()
+
+    # Network thread -------------------------------------------------------------------
+
+    def _run_network(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._connect_and_loop()
+            except Exception:
+                # A failure in a callback must not end the thread that reconnects for months.
+                _LOGGER.exception("recorder %s: the MQTT connection failed; reconnecting", self._name)
+            self.connected.clear()
+
+            # Only a connection that lasted as long as the maximum delay restarts the backoff sequence.
+            if self._connected_since is not None:
+                if time.monotonic() - self._connected_since >= self._backoff.max_delay_s:
+                    self._backoff.reset()
+                self._connected_since = None
+            if self._stopping.is_set():
+                break
+            delay = self._backoff.next_delay()
+            _LOGGER.info("recorder %s: reconnecting in %.1f s (attempt %d)", self._name, delay,
+                         self._backoff.attempts)
+            self._stopping.wait(delay)
+
+    def _connect_and_loop(self) -> None:
+        if self._on_connecting is not None:
+            self._on_connecting(self._client)
+        try:
+            self._client.reconnect()
+        except OSError as error:
+            _LOGGER.warning("recorder %s: could not connect to the broker at %s:%d: %s", self._name,
+                            self._host, self._port, error)
+            return
+        self._loop_until_disconnected()
+
+    def _loop_until_disconnected(self) -> None:
+        disconnect_sent = False
+        rc = mqtt.MQTT_ERR_SUCCESS
+        while rc == mqtt.MQTT_ERR_SUCCESS:
+            if self._sender_done.is_set() and not disconnect_sent:
+                self._client.disconnect()
+                disconnect_sent = True
+            rc = self._client.loop(timeout=0.2)
+
+    # Sender thread ----------------------------------------------------------------------
+
+    def _run_sender(self) -> None:
+        # Entries handed to paho, by message id, in queue order.
+        in_flight: dict[int, OutboxEntry] = {}
+        while not self._stopping.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            try:
+                self._send_step(in_flight)
+            except Exception:
+                # Queued messages stay on disk, and the next step tries again.
+                _LOGGER.exception("recorder %s: sending from the outbox failed; retrying", self._name)
+                self._stopping.wait(1.0)
+        try:
+            self._collect_acknowledged(in_flight)
+        except Exception:
+            _LOGGER.exception("recorder %s: recording the last PUBACKs failed; those messages are sent again "
+                              "after a restart", self._name)
+        finally:
+            self._sender_done.set()
+
+    def _send_step(self, in_flight: dict[int, OutboxEntry]) -> None:
+        self._collect_acknowledged(in_flight)
+        if not self.connected.is_set():
+            return
+        if self._resend_pending and in_flight:
+            return  # paho sends these again first, so newer entries wait to keep the order
+        self._resend_pending = False
+        self._hand_out(in_flight)
+
+    def _collect_acknowledged(self, in_flight: dict[int, OutboxEntry]) -> None:
+        """Delete the entries whose PUBACK arrived; PUBACKs of status and ack messages match no entry."""
+        # NOTE: a PUBACK means the broker has the message, not the base station. A broker that crashes
+        # before passing a message on loses it, unless its persistence had saved it.
+        acknowledged = []
+        while self._acknowledged_mids:
+            entry = in_flight.pop(self._acknowledged_mids.popleft(), None)
+            if entry is not None:
+                acknowledged.append(entry.id)
+        self._outbox.remove(acknowledged)
+
+    def _hand_out(self, in_flight: dict[int, OutboxEntry]) -> None:
+        room = self._window - len(in_flight)
+        if room <= 0:
+            return
+        for entry in self._outbox.take(room):
+            info = self._client.publish(entry.topic, entry.payload, qos=1)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                # paho did not keep the message: it goes back to the queue, with everything after it.
+                _LOGGER.error("recorder %s: publish to %s failed (%s); it stays queued", self._name, entry.topic,
+                              mqtt.error_string(info.rc))
+                self._outbox.rewind(entry.id)
+                break
+            # paho keeps a message published while the connection drops (MQTT_ERR_NO_CONN) and sends it
+            # after the next CONNACK, so it is in flight either way.
+            in_flight[info.mid] = entry
