@@ -15,6 +15,10 @@
 #       Issue a certificate to each recorder DEVICE of SITE. A recorder that
 #       already has one gets a new key and certificate, and the old
 #       certificate is revoked (rotation, or a move to another site).
+#   make-credentials.sh renew [--days N] DIR broker BROKER_HOST...
+#   make-credentials.sh renew [--days N] DIR base-station
+#       Issue a new certificate to the broker, or to the base station (and
+#       revoke its old one), before the current one expires.
 #   make-credentials.sh revoke DIR DEVICE...
 #       Revoke the recorders' certificates and remove them from the ACL.
 #
@@ -166,6 +170,49 @@ forget_recorder() {
     mv "$dir/recorders.tsv.new" "$dir/recorders.tsv"
 }
 
+is_ip_address() {
+    [[ $1 =~ ^[0-9]+(\.[0-9]+){3}$ || $1 == *:* ]]
+}
+
+check_hosts() {
+    local host
+    for host in "$@"; do
+        if ! is_ip_address "$host" && [[ ! $host =~ ^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ ]]; then
+            die "invalid broker host '$host': give the host name or IP address that clients connect to"
+        fi
+    done
+}
+
+# Issue DIR/broker/broker.crt for the host names and addresses given. Clients
+# check that the host they connect to is in its subjectAltName.
+issue_broker() {
+    local dir=$1
+    shift
+    local alt_names=() host joined
+    for host in "$@"; do
+        if is_ip_address "$host"; then
+            alt_names+=("IP:$host")
+        else
+            alt_names+=("DNS:$host")
+        fi
+    done
+
+    joined=$(IFS=,; echo "${alt_names[*]}")
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$dir/broker/broker.key" -subj "/CN=$1" -out "$dir/ca/broker.csr" 2>/dev/null
+    cat >"$dir/ca/broker.ext" <<EOF
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = $joined
+EOF
+    openssl ca -batch -notext -config "$dir/ca/openssl.cnf" -extfile "$dir/ca/broker.ext" -days "$DAYS" \
+        -in "$dir/ca/broker.csr" -out "$dir/broker/broker.crt" 2>/dev/null
+    rm "$dir/ca/broker.csr"
+    chmod 644 "$dir/broker/broker.crt"
+    echo "issued $dir/broker/broker.crt for $joined" >&2
+}
+
 command_init() {
     local base_station=base-station
     while [[ $# -gt 0 && $1 == --* ]]; do
@@ -179,18 +226,8 @@ command_init() {
     local dir=$1
     shift
     check_id "$base_station" "base station id"
+    check_hosts "$@"
     [[ ! -e $dir/ca/ca.key ]] || die "$dir already contains a CA: use another folder, or 'recorder' to add recorders"
-
-    local alt_names=() host
-    for host in "$@"; do
-        if [[ $host =~ ^[0-9]+(\.[0-9]+){3}$ || $host == *:* ]]; then
-            alt_names+=("IP:$host")
-        elif [[ $host =~ ^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ ]]; then
-            alt_names+=("DNS:$host")
-        else
-            die "invalid broker host '$host': give the host name or IP address that clients connect to"
-        fi
-    done
 
     mkdir -p "$dir/ca/issued" "$dir/broker" "$dir/clients"
     dir=$(cd "$dir" && pwd)
@@ -205,21 +242,7 @@ command_init() {
         -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
     cp "$dir/ca/ca.crt" "$dir/broker/ca.crt"
 
-    # The broker. Clients check that the host they connect to is in subjectAltName.
-    local joined
-    joined=$(IFS=,; echo "${alt_names[*]}")
-    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout "$dir/broker/broker.key" -subj "/CN=$1" -out "$dir/ca/broker.csr" 2>/dev/null
-    cat >"$dir/ca/broker.ext" <<EOF
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
-extendedKeyUsage = serverAuth
-subjectAltName = $joined
-EOF
-    openssl ca -batch -notext -config "$dir/ca/openssl.cnf" -extfile "$dir/ca/broker.ext" -days "$DAYS" \
-        -in "$dir/ca/broker.csr" -out "$dir/broker/broker.crt" 2>/dev/null
-    rm "$dir/ca/broker.csr"
-    echo "issued $dir/broker/broker.crt for $joined" >&2
+    issue_broker "$dir" "$@"
 
     echo "$base_station" >"$dir/base-station"
     : >"$dir/recorders.tsv"
@@ -261,6 +284,38 @@ command_recorder() {
     echo "copy $dir/broker/dawnchorus.acl and crl.pem to the broker host and send Mosquitto SIGHUP" >&2
 }
 
+# Renew the broker's or the base station's certificate, e.g. before it expires.
+command_renew() {
+    while [[ $# -gt 0 && $1 == --* ]]; do
+        case $1 in
+            --days) [[ $# -ge 2 ]] || usage; check_days "$2"; DAYS=$2; shift 2 ;;
+            *) die "unknown option '$1' for renew" ;;
+        esac
+    done
+    [[ $# -ge 2 ]] || usage
+    local dir=$1 what=$2
+    shift 2
+    check_initialised "$dir"
+    dir=$(cd "$dir" && pwd)
+    case $what in
+        broker)
+            [[ $# -ge 1 ]] || die "renew broker needs the broker's host names and IP addresses, as init did"
+            check_hosts "$@"
+            issue_broker "$dir" "$@"
+            echo "copy $dir/broker/broker.crt and broker.key to the broker host and send Mosquitto SIGHUP" >&2
+            ;;
+        base-station)
+            [[ $# -eq 0 ]] || usage
+            issue_client "$dir" "$(<"$dir/base-station")"
+            write_crl "$dir"
+            chmod 644 "$dir/broker/crl.pem"
+            echo "install $dir/clients/$(<"$dir/base-station")/ on the base station, then copy" \
+                "$dir/broker/crl.pem to the broker host and send Mosquitto SIGHUP" >&2
+            ;;
+        *) die "unknown certificate '$what' to renew: expected broker or base-station" ;;
+    esac
+}
+
 command_revoke() {
     [[ $# -ge 2 ]] || usage
     local dir=$1
@@ -296,9 +351,10 @@ main() {
     case $command in
         init) command_init "$@" ;;
         recorder) command_recorder "$@" ;;
+        renew) command_renew "$@" ;;
         revoke) command_revoke "$@" ;;
         -h | --help | help) usage ;;
-        *) die "unknown command '$command': expected init, recorder or revoke" ;;
+        *) die "unknown command '$command': expected init, recorder, renew or revoke" ;;
     esac
 }
 

@@ -381,6 +381,19 @@ def test_rotated_certificate_replaces_old(secure_broker, connect, tmp_path):
     assert connect("rec-rotated").client.is_connected()
 
 
+def test_renewed_base_station_certificate_replaces_old(secure_broker, connect, tmp_path):
+    old_files = tmp_path / "old"
+    shutil.copytree(secure_broker.credentials / "clients" / BASE_STATION, old_files)
+
+    _make_credentials("renew", str(secure_broker.credentials), "base-station")
+    secure_broker.reload()
+
+    outcome = _wait_until_rejected(secure_broker, TlsSettings(old_files / "ca.crt", old_files / "client.crt",
+                                                              old_files / "client.key"))
+    assert outcome != "connected"
+    assert connect(BASE_STATION).client.is_connected()
+
+
 def test_revoked_recorder_rejected(secure_broker, connect, tmp_path):
     _make_credentials("recorder", str(secure_broker.credentials), "meadow", "rec-lost")
     secure_broker.reload()
