@@ -328,7 +328,7 @@ command_revoke() {
         check_id "$device" "device id"
         [[ -f $dir/clients/$device/client.crt ]] || die "no certificate for '$device' in $dir/clients"
         [[ $device != "$(<"$dir/base-station")" ]] ||
-            die "'$device' is the base station; run init in a new folder to replace the CA and all certificates"
+            die "'$device' is the base station: give it a new certificate with 'make-credentials.sh renew $dir base-station'"
     done
     for device in "$@"; do
         openssl ca -config "$dir/ca/openssl.cnf" -revoke "$dir/clients/$device/client.crt" \
