@@ -33,6 +33,14 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MQTT broker (default 127.0.0.1:1883)")
     parser.add_argument("--mqtt-user", default=None,
                         help=f"MQTT user name; the password is read from ${PASSWORD_VARIABLE}")
+    tls = parser.add_argument_group("MQTT over TLS (see docs/deployment.md)")
+    tls.add_argument("--mqtt-ca", type=pathlib.Path, default=None, metavar="FILE",
+                     help="PEM certificate of the CA that signed the broker's certificate; turns TLS on. "
+                          "The HOST of --broker must be a name or address in the broker's certificate")
+    tls.add_argument("--mqtt-cert", type=pathlib.Path, default=None, metavar="FILE",
+                     help="this client's PEM certificate, for a broker that requires one (needs --mqtt-ca)")
+    tls.add_argument("--mqtt-key", type=pathlib.Path, default=None, metavar="FILE",
+                     help="the unencrypted PEM private key of --mqtt-cert")
 
 
 def mqtt_credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
@@ -43,6 +51,18 @@ def mqtt_credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
         raise ValueError(f"--mqtt-user {args.mqtt_user} is set but {PASSWORD_VARIABLE} is not: "
                          "export the password in that variable")
     return args.mqtt_user, password
+
+
+def mqtt_tls(args: argparse.Namespace):
+    """Build the TLS settings from --mqtt-ca, --mqtt-cert and --mqtt-key, or return None for plain MQTT."""
+    from dawnchorus.protocol.tls import TlsSettings
+
+    if args.mqtt_ca is None:
+        if args.mqtt_cert is not None or args.mqtt_key is not None:
+            raise ValueError("--mqtt-cert and --mqtt-key need --mqtt-ca, the CA certificate that signed the "
+                             "broker's certificate (ca.crt next to them from deploy/make-credentials.sh)")
+        return None
+    return TlsSettings(args.mqtt_ca, args.mqtt_cert, args.mqtt_key)
 
 
 def probability(text: str) -> float:
@@ -217,6 +237,7 @@ def run_edge(args: argparse.Namespace) -> int:
     from dawnchorus.protocol.signing import load_public_key
 
     username, password = mqtt_credentials(args)
+    tls = mqtt_tls(args)
     public_key = load_public_key(args.head_public_key) if args.head_public_key is not None else None
     model = load_source_model(args.model, args.labels)
     head = model.head
@@ -224,7 +245,7 @@ def run_edge(args: argparse.Namespace) -> int:
         head = head.select(species_from_file(args.species_file, head.labels))
     config = RecorderConfig(
         device=args.device, site=args.site, broker_host=args.broker[0], broker_port=args.broker[1],
-        username=username, password=password, state_dir=args.state_dir, min_conf=args.min_conf,
+        username=username, password=password, tls=tls, state_dir=args.state_dir, min_conf=args.min_conf,
         sensitivity=args.sensitivity, windows_per_message=args.windows_per_message, head_public_key=public_key,
         # The species file is the site's class list, which every pushed head must match.
         head_labels=list(head.labels) if args.species_file is not None else None,
@@ -345,6 +366,7 @@ def build_station(
     on_detection=None,
     model=None,
     signing_key=None,
+    tls=None,
 ):
     """Create a base station from the command line; species lists are checked here, before it starts."""
     from dawnchorus.models import birdnet
@@ -357,7 +379,7 @@ def build_station(
     shard = Shard.parse(getattr(args, "shard", "1/1"))
     username, password = credentials
     config = StationConfig(
-        broker_host=broker[0], broker_port=broker[1], username=username, password=password,
+        broker_host=broker[0], broker_port=broker[1], username=username, password=password, tls=tls,
         state_dir=state_dir, shard=shard,
         adaptation=adaptation_from_args(args), client_id=f"dawnchorus-base-station-{shard.index}-of-{shard.count}",
         signing_key=signing_key,
@@ -370,7 +392,8 @@ def run_server(args: argparse.Namespace) -> int:
         return run_rollback(args)
     credentials = mqtt_credentials(args)
     signing_key = signing_key_from_args(args)
-    station = build_station(args, args.state_dir, args.broker, credentials, signing_key=signing_key)
+    station = build_station(args, args.state_dir, args.broker, credentials, signing_key=signing_key,
+                            tls=mqtt_tls(args))
     station.start()
     _run_until_signal(station.stop)
     return 0
@@ -402,6 +425,7 @@ def run_rollback(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.state_dir} contains no head registry (no sites/ folder): pass the base station's "
                          "--state-dir")
     username, password = mqtt_credentials(args)
+    tls = mqtt_tls(args)
     signing_key = signing_key_from_args(args)
     registry = HeadRegistry(args.state_dir)
     rollback, blob = load_rollback(registry, args.site, args.version)
@@ -409,6 +433,8 @@ def run_rollback(args: argparse.Namespace) -> int:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"dawnchorus-rollback-{os.getpid()}")
     if username is not None:
         client.username_pw_set(username, password)
+    if tls is not None:
+        tls.apply(client)
     connack: list = []
     connected = threading.Event()
 

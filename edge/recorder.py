@@ -35,6 +35,7 @@ from dawnchorus.protocol import topics
 from dawnchorus.protocol.embeddings import EmbeddingBatch, PayloadError, encode_embeddings
 from dawnchorus.protocol.messages import Ack, Detection, Manifest, Status, encode_detections
 from dawnchorus.protocol.signing import key_id
+from dawnchorus.protocol.tls import TlsSettings
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class RecorderConfig:
         site: site id; recorders of a site share one adapted head.
         broker_host, broker_port: the MQTT broker.
         username, password: MQTT credentials, or None for an anonymous connection.
+        tls: CA, client certificate and key for a TLS connection, or None for plain MQTT.
         state_dir: sequence counter, reference batch and head store live here.
         min_conf: detection threshold on sigmoid scores, 0 to 1.
         sensitivity: BirdNET sigmoid sensitivity, 0.5 to 1.5.
@@ -84,6 +86,7 @@ class RecorderConfig:
     broker_port: int = 1883
     username: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
+    tls: TlsSettings | None = None
     state_dir: pathlib.Path = pathlib.Path("state")
     min_conf: float = 0.7
     sensitivity: float = 1.0
@@ -182,6 +185,8 @@ class Recorder:
         )
         if self.config.username is not None:
             client.username_pw_set(self.config.username, self.config.password)
+        if self.config.tls is not None:
+            self.config.tls.apply(client)
         client.message_callback_add(topics.manifest_topic(self.config.site), self._on_manifest)
         client.message_callback_add(f"{topics.ROOT}/{self.config.site}/{topics.MODEL_SEGMENT}/blob/+", self._on_blob)
         return client

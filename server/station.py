@@ -28,6 +28,7 @@ from dawnchorus.models.head import LinearHead, TFLiteHead
 from dawnchorus.protocol import topics
 from dawnchorus.protocol.embeddings import PayloadError, decode_embeddings
 from dawnchorus.protocol.messages import Ack, Detection, Manifest, Status, decode_detections
+from dawnchorus.protocol.tls import TlsSettings
 from dawnchorus.server.adaptation import AdaptationConfig, RoundResult, SiteAdapter
 from dawnchorus.server.feed import DetectionFeed
 from dawnchorus.server.publication import HeadPublisher
@@ -98,6 +99,7 @@ class StationConfig:
     Attributes:
         broker_host, broker_port: the MQTT broker.
         username, password: MQTT credentials, or None for an anonymous connection.
+        tls: CA, client certificate and key for a TLS connection, or None for plain MQTT.
         state_dir: the head registry, acks and the detection log.
         shard: which sites this process owns.
         adaptation: streaming NOTELA settings.
@@ -109,6 +111,7 @@ class StationConfig:
     broker_port: int = 1883
     username: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
+    tls: TlsSettings | None = None
     state_dir: pathlib.Path = pathlib.Path("state/server")
     shard: Shard = Shard()
     adaptation: AdaptationConfig = dataclasses.field(default_factory=AdaptationConfig)
@@ -180,6 +183,8 @@ class BaseStation:
                              clean_session=False)
         if self.config.username is not None:
             client.username_pw_set(self.config.username, self.config.password)
+        if self.config.tls is not None:
+            self.config.tls.apply(client)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
