@@ -433,8 +433,9 @@ class BaseStation:
 
     def stats(self) -> StationStats:
         """Return the station's counters and its rejected messages per kind and reason."""
-        with self._rejections_lock:
-            counters = {name: int(value) for name, value in sorted(self.counters.items())}
+        # dict() copies the Counter in one step under the GIL, while paho's thread may add a key.
+        snapshot = dict(self.counters)
+        counters = {name: int(value) for name, value in sorted(snapshot.items())}
         return StationStats(self.config.client_id, time.time(), counters, self.rejections.counts())
 
     def _publish_stats(self, force: bool = False) -> None:

@@ -85,6 +85,20 @@ def _read_retained(broker, topic: str, timeout: float = 10.0) -> bytes | None:
     return received[0] if received else None
 
 
+def _clear_station_state(broker, station_id: str, stats_topic: str) -> None:
+    """Clear the retained stats and end the station's persistent session on the shared broker.
+
+    Otherwise the broker queues every later test's messages for that client id,
+    and the next base station started with it receives them all.
+    """
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=station_id, clean_session=True)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    client.publish(stats_topic, b"", qos=1, retain=True).wait_for_publish(10)
+    client.loop_stop()
+    client.disconnect()
+
+
 def test_server_process_rejects_bad_payloads(programs, mosquitto, keys, embeddings, tmp_path):
     site, device = "bad-payload-site", "rec-bad-payload"
     station_id = "dawnchorus-base-station-1-of-1"
@@ -120,12 +134,7 @@ def test_server_process_rejects_bad_payloads(programs, mosquitto, keys, embeddin
     log = programs.log("server.log")
     stats_topic = topics.station_stats_topic(station_id)
     retained = _read_retained(mosquitto, stats_topic)
-    mosquitto_client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-clear-{uuid.uuid4().hex[:8]}")
-    mosquitto_client.connect(mosquitto.host, mosquitto.port)
-    mosquitto_client.loop_start()
-    mosquitto_client.publish(stats_topic, b"", qos=1, retain=True).wait_for_publish(10)
-    mosquitto_client.loop_stop()
-    mosquitto_client.disconnect()
+    _clear_station_state(mosquitto, station_id, stats_topic)
 
     assert retained is not None, "no retained stats after the base station stopped"
     stats = StationStats.decode(retained)
