@@ -272,9 +272,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
 
-    source = audio.FileSource(args.paths, overlap_s=args.overlap)
+    # Folders are expanded once, so that each skipped file is logged once.
+    files = audio.find_audio_files(args.paths)
+    source = audio.FileSource(files, overlap_s=args.overlap)
     pipeline = InferencePipeline(backbone, head, batch_size=args.batch_size)
-    progress = _progress_bar(_expected_windows(audio.find_audio_files(args.paths), args.overlap))
+    progress = _progress_bar(_expected_windows(files, args.overlap))
     try:
         detections = analyze_files(source, pipeline, args.min_conf, args.sensitivity, progress)
     finally:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import struct
 import threading
 import time
 from typing import Iterable, Iterator, NamedTuple
@@ -42,6 +43,13 @@ AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".opus"})
 # Resampling to 48 kHz removes everything above 24 kHz anyway.
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 384_000
+
+# BirdNET V2.4's spectrograms reach 15 kHz, and most songbirds sing between
+# 1 and 8 kHz. Below 16 kHz (Nyquist limit 8 kHz) a large part of that band is
+# missing, and resampling cannot restore it. Such files are still analysed,
+# because owls, doves and other low singers remain detectable, but with a
+# warning that names the file.
+LOW_SAMPLE_RATE = 16_000
 
 # soxr's default quality. tests/test_audio.py checks it against scipy's
 # polyphase resampler (correlation above 0.999 at 22.05, 44.1 and 96 kHz).
@@ -196,7 +204,7 @@ def _open_sound_file(path: pathlib.Path) -> soundfile.SoundFile:
 
     try:
         sound = soundfile.SoundFile(path)
-    except RuntimeError as error:
+    except (RuntimeError, OSError) as error:
         if path.suffix.lower() not in AUDIO_EXTENSIONS:
             raise AudioError(
                 path,
@@ -212,7 +220,37 @@ def _open_sound_file(path: pathlib.Path) -> soundfile.SoundFile:
             f"unsupported sample rate {sound.samplerate} Hz: it must be between "
             f"{MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz",
         )
+    if sound.samplerate < LOW_SAMPLE_RATE:
+        _LOGGER.warning(
+            "%s: low sample rate %d Hz, so the audio contains nothing above %.1f kHz while BirdNET "
+            "listens up to 15 kHz; analysing it, but species that sing higher will be missed",
+            path, sound.samplerate, sound.samplerate / 2000,
+        )
+    if sound.channels > 2:
+        _LOGGER.info("%s: mixing %d channels down to mono", path, sound.channels)
     return sound
+
+
+def _declared_wav_bytes(path: pathlib.Path) -> tuple[int, int] | None:
+    """Return the data size that a RIFF/WAVE header declares and the bytes present after it.
+
+    libsndfile reads a truncated WAV file without an error and reports only the
+    frames present, so this header check is what detects the truncation. Returns
+    None for other formats and for RIFF files without a data chunk.
+    """
+    with open(path, "rb") as stream:
+        if stream.read(12)[:4] != b"RIFF":
+            return None
+        file_size = path.stat().st_size
+        while True:
+            chunk_header = stream.read(8)
+            if len(chunk_header) < 8:
+                return None
+            chunk_id, chunk_size = struct.unpack("<4sI", chunk_header)
+            if chunk_id == b"data":
+                return chunk_size, file_size - stream.tell()
+            # Chunks are padded to an even size.
+            stream.seek(chunk_size + (chunk_size & 1), os.SEEK_CUR)
 
 
 def stream_audio(
@@ -256,9 +294,26 @@ def stream_audio(
 
         if frames_read == 0:
             raise AudioError(path, "contains no samples")
+        _warn_if_truncated(path, sound, frames_read)
         tail = resampler.flush()
         if tail.size:
             yield tail
+
+
+def _warn_if_truncated(path: pathlib.Path, sound: soundfile.SoundFile, frames_read: int) -> None:
+    """Log a warning when the file contains less audio than its header declares."""
+    declared_frames = sound.frames
+    if sound.format == "WAV":
+        declared = _declared_wav_bytes(path)
+        if declared is not None:
+            declared_bytes, present_bytes = declared
+            if declared_bytes > present_bytes > 0:
+                declared_frames = round(frames_read * declared_bytes / present_bytes)
+    if declared_frames > frames_read:
+        _LOGGER.warning(
+            "%s: truncated: the header declares %.1f s of audio, the file contains %.1f s; analysing what is there",
+            path, declared_frames / sound.samplerate, frames_read / sound.samplerate,
+        )
 
 
 def read_audio(path: str | os.PathLike) -> np.ndarray:
@@ -292,7 +347,7 @@ def find_audio_files(paths: Iterable[str | os.PathLike]) -> list[pathlib.Path]:
 
     Inside a folder, files whose extension is not one of ``AUDIO_EXTENSIONS``
     (in any case) and hidden files, such as the ``._name.wav`` files macOS
-    writes to SD cards, are skipped with a debug log. Files named explicitly
+    writes to SD cards, are skipped with an info log line each. Files named explicitly
     are kept whatever their extension, and missing paths are kept so that
     reading them reports the error.
     """
@@ -305,9 +360,10 @@ def find_audio_files(paths: Iterable[str | os.PathLike]) -> list[pathlib.Path]:
             if not candidate.is_file():
                 continue
             if candidate.name.startswith("."):
-                _LOGGER.debug("skipping hidden file %s", candidate)
+                _LOGGER.info("skipping %s: hidden file", candidate)
             elif candidate.suffix.lower() not in AUDIO_EXTENSIONS:
-                _LOGGER.debug("skipping %s: not an audio file extension", candidate)
+                _LOGGER.info("skipping %s: not an audio file (extension %r; audio files end in %s)",
+                             candidate, candidate.suffix, ", ".join(sorted(AUDIO_EXTENSIONS)))
             else:
                 files.append(candidate)
     return files
@@ -369,6 +425,9 @@ class FileSource:
             else:
                 for piece in windower.finish():
                     yield self._release(path, piece, replay_start, seconds_before_file)
+                if samples_in_file < MIN_TAIL_SAMPLES:
+                    _LOGGER.warning("%s: only %.2f s of audio, shorter than the 1 s a window needs, so "
+                                    "it gives no window", path, samples_in_file / SAMPLE_RATE)
                 self.files_read += 1
 
             # A file rejected halfway still advances the replay clock, so

@@ -32,8 +32,9 @@ from dawnchorus.edge.uplink import Uplink
 from dawnchorus.models.backbone import Backbone
 from dawnchorus.models.head import HeadRunner, LinearHead, sigmoid
 from dawnchorus.protocol import topics
-from dawnchorus.protocol.embeddings import EmbeddingBatch, PayloadError, encode_embeddings
+from dawnchorus.protocol.embeddings import REASON_LENGTH, EmbeddingBatch, PayloadError, encode_embeddings
 from dawnchorus.protocol.messages import Ack, Detection, Manifest, Status, encode_detections
+from dawnchorus.protocol.rejections import RejectionCounter
 from dawnchorus.protocol.signing import key_id
 from dawnchorus.protocol.tls import TlsSettings
 
@@ -160,6 +161,7 @@ class Recorder:
         self.pipeline = InferencePipeline(backbone, head, batch_size=batch_size)
 
         self.counters = {"windows": 0, "messages": 0, "detections": 0, "heads_rejected": 0, "heads_applied": 0}
+        self.rejections = RejectionCounter(_LOGGER, f"recorder {config.device}")
         self.finished = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -201,7 +203,7 @@ class Recorder:
     def _status(self, state: str) -> Status:
         queue = self._outbox.stats()
         return Status(self.config.device, self.config.site, state, self.head_version,
-                      self.counters["windows"], self._now(), dict(self.counters),
+                      self.counters["windows"], self._now(), self._status_counters(),
                       queue_depth=queue.depth, queue_bytes=queue.bytes, queue_dropped=queue.dropped,
                       queue_dropped_windows=queue.dropped_windows)
 
@@ -223,7 +225,7 @@ class Recorder:
             manifest = Manifest.decode(message.payload)
         except PayloadError as error:
             self.counters["heads_rejected"] += 1
-            _LOGGER.error("recorder %s: rejected manifest on %s: %s", self.config.device, message.topic, error)
+            self.rejections.reject(message.topic, "the base station", "manifest", error.reason, str(error))
             return
         with self._lock:
             known = {m.sequence for m in (self.manifest, self._pending_manifest) if m is not None}
@@ -252,6 +254,14 @@ class Recorder:
         client.unsubscribe(message.topic)
         if not message.payload:
             return  # a cleared retained blob
+        if len(message.payload) != manifest.size:
+            reason = (f"blob is {len(message.payload)} bytes but the manifest gives {manifest.size}: "
+                      "truncated or invalid")
+            self.rejections.reject(message.topic, "the base station", "blob", REASON_LENGTH, reason)
+            with self._lock:
+                self._pending_manifest = None
+            self._reject_head(manifest, reason)
+            return
         with self._lock:
             reference = None if self._reference is None else self._reference.copy()
         try:
@@ -284,6 +294,15 @@ class Recorder:
         self._last_status = time.monotonic()
         self._uplink.publish_now(self._topic("status"), self._status(state).encode(), retain=True,
                                  when_offline=False)
+
+    def _status_counters(self) -> dict[str, int]:
+        """Return the counters for the status: the recorder's own, rejected messages, and replayed files."""
+        counters = dict(self.counters)
+        counters.update({f"rejected.{key}": count for key, count in self.rejections.counts().items()})
+        for name in ("files_read", "files_rejected"):
+            if hasattr(self._source, name):
+                counters[name] = int(getattr(self._source, name))
+        return counters
 
     # Inference ------------------------------------------------------------
 

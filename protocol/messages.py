@@ -9,11 +9,20 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 from typing import Any
 
 import numpy as np
 
-from dawnchorus.protocol.embeddings import PayloadError
+from dawnchorus.protocol.embeddings import (
+    REASON_FIELD,
+    REASON_JSON,
+    REASON_MISSING_FIELD,
+    REASON_NOT_FINITE,
+    REASON_TOO_LARGE,
+    REASON_VERSION,
+    PayloadError,
+)
 from dawnchorus.protocol.topics import TopicError, validate_id
 
 # A manifest carries its class list and a small probe; 4 MiB leaves room for
@@ -21,21 +30,38 @@ from dawnchorus.protocol.topics import TopicError, validate_id
 MAX_JSON_BYTES = 4 * 1024 * 1024
 
 
+def _reject_constant(name: str) -> float:
+    raise PayloadError(f"{name} is not a JSON number (NaN and infinities are invalid JSON)", REASON_NOT_FINITE)
+
+
+def _parse_finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise PayloadError(f"number {text} is out of the float64 range", REASON_NOT_FINITE)
+    return value
+
+
 def _load_object(payload: bytes, what: str) -> dict[str, Any]:
+    """Parse a JSON object, rejecting NaN and infinities so that every decoded message encodes again."""
     if len(payload) > MAX_JSON_BYTES:
-        raise PayloadError(f"{what} of {len(payload)} bytes exceeds the {MAX_JSON_BYTES}-byte limit")
+        raise PayloadError(f"{what} of {len(payload)} bytes exceeds the {MAX_JSON_BYTES}-byte limit",
+                           REASON_TOO_LARGE)
     try:
-        value = json.loads(payload)
+        value = json.loads(payload, parse_constant=_reject_constant, parse_float=_parse_finite_float)
+    except PayloadError as error:
+        raise PayloadError(f"{what}: {error}", error.reason) from error
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PayloadError(f"{what} is not valid JSON: {error}") from error
+        raise PayloadError(f"{what} is not valid JSON: {error}", REASON_JSON) from error
+    except RecursionError as error:
+        raise PayloadError(f"{what} is nested too deeply to parse", REASON_JSON) from error
     if not isinstance(value, dict):
-        raise PayloadError(f"{what} must be a JSON object, got {type(value).__name__}")
+        raise PayloadError(f"{what} must be a JSON object, got {type(value).__name__}", REASON_JSON)
     return value
 
 
 def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
     if name not in obj:
-        raise PayloadError(f"{what} is missing field {name!r}")
+        raise PayloadError(f"{what} is missing field {name!r}", REASON_MISSING_FIELD)
     value = obj[name]
     # bool is an int in Python; a field typed int must not accept true/false.
     if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
@@ -43,6 +69,17 @@ def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], what: 
     if not isinstance(value, kind):
         raise PayloadError(f"{what} field {name!r} must be {kind}, got {type(value).__name__}")
     return value
+
+
+def _optional_field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str, default: Any) -> Any:
+    return _field(obj, name, kind, what) if name in obj else default
+
+
+def _counters_field(obj: dict[str, Any], what: str) -> dict[str, int]:
+    counters = _optional_field(obj, "counters", dict, what, {})
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in counters.values()):
+        raise PayloadError(f"{what}: every value of counters must be an integer")
+    return dict(counters)
 
 
 def _id_field(obj: dict[str, Any], name: str, what: str) -> str:
@@ -96,13 +133,21 @@ class Detection:
         return record
 
 
+DETECTIONS_PROTOCOL = 1
+
+
 def encode_detections(detections: list[Detection]) -> bytes:
-    return _dumps({"protocol": 1, "detections": [d.to_json() for d in detections]})
+    return _dumps({"protocol": DETECTIONS_PROTOCOL, "detections": [d.to_json() for d in detections]})
 
 
 def decode_detections(payload: bytes) -> list[Detection]:
+    """Decode a detections message; a message without ``protocol`` is read as protocol 1."""
     what = "detections message"
     obj = _load_object(payload, what)
+    protocol = obj.get("protocol", DETECTIONS_PROTOCOL)
+    if protocol != DETECTIONS_PROTOCOL or isinstance(protocol, bool):
+        raise PayloadError(f"{what}: unknown protocol {protocol!r}, this build reads {DETECTIONS_PROTOCOL}",
+                           REASON_VERSION)
     items = _field(obj, "detections", list, what)
     detections = []
     for item in items:
@@ -111,15 +156,19 @@ def decode_detections(payload: bytes) -> list[Detection]:
         confidence = float(_field(item, "confidence", (int, float), what))
         if not 0.0 <= confidence <= 1.0:
             raise PayloadError(f"{what}: confidence {confidence} outside [0, 1]")
+        sequence = _field(item, "sequence", int, what)
+        head_version = _field(item, "head_version", int, what)
+        if sequence < 0 or head_version < 0:
+            raise PayloadError(f"{what}: sequence {sequence} and head_version {head_version} must not be negative")
         detections.append(Detection(
             device=_id_field(item, "device", what),
             site=_id_field(item, "site", what),
-            sequence=_field(item, "sequence", int, what),
+            sequence=sequence,
             start_time=float(_field(item, "start_time", (int, float), what)),
             end_time=float(_field(item, "end_time", (int, float), what)),
             label=_field(item, "label", str, what),
             confidence=confidence,
-            head_version=_field(item, "head_version", int, what),
+            head_version=head_version,
         ))
     return detections
 
@@ -165,17 +214,14 @@ class Status:
         state = _field(obj, "state", str, what)
         if state not in cls.STATES:
             raise PayloadError(f"{what}: unknown state {state!r}, expected one of {cls.STATES}")
-        counters = obj.get("counters", {})
-        if not isinstance(counters, dict):
-            raise PayloadError(f"{what}: counters must be an object")
         return cls(
             device=_id_field(obj, "device", what),
             site=_id_field(obj, "site", what),
             state=state,
             head_version=_field(obj, "head_version", int, what),
-            windows=int(obj.get("windows", 0)),
-            time=float(obj.get("time", 0.0)),
-            counters={str(k): int(v) for k, v in counters.items()},
+            windows=_optional_field(obj, "windows", int, what, 0),
+            time=float(_optional_field(obj, "time", (int, float), what, 0.0)),
+            counters=_counters_field(obj, what),
             **{name: _count_field(obj, name, what) for name in cls.QUEUE_FIELDS},
         )
 
@@ -203,8 +249,44 @@ class Ack:
             site=_id_field(obj, "site", what),
             version=_field(obj, "version", int, what),
             accepted=_field(obj, "accepted", bool, what),
-            reason=str(obj.get("reason", "")),
-            time=float(obj.get("time", 0.0)),
+            reason=_optional_field(obj, "reason", str, what, ""),
+            time=float(_optional_field(obj, "time", (int, float), what, 0.0)),
+        )
+
+
+@dataclasses.dataclass
+class StationStats:
+    """A base-station process's counters, published retained on its stats topic.
+
+    Attributes:
+        station: the process's MQTT client id.
+        time: unix time of the snapshot.
+        counters: totals since the process started, such as ``embeddings``
+            (accepted), ``embeddings_duplicate``, ``rejected_payloads`` and ``heads_published``.
+        rejected: rejected messages since the process started, keyed
+            ``<message kind>.<reason>``, for example ``embeddings.length``.
+    """
+
+    station: str
+    time: float
+    counters: dict[str, int] = dataclasses.field(default_factory=dict)
+    rejected: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return _dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> StationStats:
+        what = "station stats message"
+        obj = _load_object(payload, what)
+        rejected = _field(obj, "rejected", dict, what)
+        if not all(isinstance(value, int) and not isinstance(value, bool) for value in rejected.values()):
+            raise PayloadError(f"{what}: every value of rejected must be an integer")
+        return cls(
+            station=_id_field(obj, "station", what),
+            time=float(_field(obj, "time", (int, float), what)),
+            counters=_counters_field(obj, what),
+            rejected=dict(rejected),
         )
 
 
@@ -215,6 +297,9 @@ def encode_array(array: np.ndarray, dtype: str) -> dict[str, Any]:
 
 
 def decode_array(obj: Any, what: str) -> np.ndarray:
+    """Unpack what ``encode_array`` wrote, as float32; raises PayloadError when the data does not fill the shape."""
+    if obj is None:
+        raise PayloadError(f"{what} is missing", REASON_MISSING_FIELD)
     if not isinstance(obj, dict):
         raise PayloadError(f"{what} must be an object with dtype, shape and data")
     dtype = _field(obj, "dtype", str, what)
@@ -227,7 +312,8 @@ def decode_array(obj: Any, what: str) -> np.ndarray:
         raw = base64.b64decode(_field(obj, "data", str, what), validate=True)
     except ValueError as error:
         raise PayloadError(f"{what}: data is not valid base64: {error}") from error
-    count = int(np.prod(shape)) if shape else 1
+    # math.prod on Python ints cannot overflow, unlike np.prod, which wraps around in int64.
+    count = math.prod(shape)
     if len(raw) != count * np.dtype(dtype).itemsize:
         raise PayloadError(f"{what}: {len(raw)} bytes of data do not fill shape {shape} of {dtype}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32)
@@ -355,10 +441,11 @@ class Manifest:
         """Decode a manifest; a missing signature is not an error here, ``signature`` is then None."""
         what = "manifest"
         obj = _load_object(payload, what)
-        protocol = obj.get("protocol")
+        protocol = _field(obj, "protocol", int, what)
         if protocol != MANIFEST_PROTOCOL:
             hint = " (an unsigned manifest: upgrade the base station)" if protocol == 1 else ""
-            raise PayloadError(f"{what}: unknown protocol {protocol!r}{hint}, this build reads {MANIFEST_PROTOCOL}")
+            raise PayloadError(f"{what}: unknown protocol {protocol!r}{hint}, this build reads {MANIFEST_PROTOCOL}",
+                               REASON_VERSION)
         labels = _field(obj, "labels", list, what)
         if not labels or not all(isinstance(label, str) and label for label in labels):
             raise PayloadError(f"{what}: labels must be a non-empty list of strings")
@@ -374,6 +461,9 @@ class Manifest:
         precision = _field(obj, "precision", str, what)
         if precision not in ("fp32", "fp16"):
             raise PayloadError(f"{what}: precision {precision!r}, expected 'fp32' or 'fp16'")
+        size = _field(obj, "size", int, what)
+        if size < 0:
+            raise PayloadError(f"{what}: size {size} must not be negative")
         probe = _field(obj, "probe", dict, what)
         probe_embeddings = decode_array(probe.get("embeddings"), "manifest probe embeddings")
         probe_logits = decode_array(probe.get("logits"), "manifest probe logits")
@@ -392,7 +482,7 @@ class Manifest:
             parent=_field(obj, "parent", int, what),
             labels=labels,
             sha256=sha256,
-            size=_field(obj, "size", int, what),
+            size=size,
             precision=precision,
             blob_topic=_field(obj, "blob_topic", str, what),
             created=float(_field(obj, "created", (int, float), what)),

@@ -8,6 +8,7 @@ Layout, with ``dawnchorus/v1`` as the root:
     <root>/<site>/<device>/ack          JSON: the head version a recorder runs, or why it rejected one
     <root>/<site>/model/manifest        JSON head manifest, retained
     <root>/<site>/model/blob/<version>  the TFLite head, retained while it may be needed
+    <root>/_station/<station>/stats     JSON counters of one base-station process, retained
 
 The site id comes first so that a broker ACL can give a recorder exactly its
 own site's model topics and its own device's data topics.
@@ -20,6 +21,8 @@ import re
 
 ROOT = "dawnchorus/v1"
 MODEL_SEGMENT = "model"
+# Ids cannot start with '_', so no site can take this topic level.
+STATION_SEGMENT = "_station"
 
 DEVICE_KINDS = ("embeddings", "detections", "status", "ack")
 
@@ -68,6 +71,15 @@ def blob_topic(site: str, version: int) -> str:
     if not isinstance(version, int) or version < 1:
         raise TopicError(f"invalid head version {version!r}: pushed heads start at version 1")
     return f"{ROOT}/{validate_id(site, 'site id')}/{MODEL_SEGMENT}/blob/{version}"
+
+
+def station_stats_topic(station: str) -> str:
+    """Return the topic of a base-station process's retained stats; ``station`` is its MQTT client id."""
+    return f"{ROOT}/{STATION_SEGMENT}/{validate_id(station, 'station id')}/stats"
+
+
+def station_stats_wildcard() -> str:
+    return f"{ROOT}/{STATION_SEGMENT}/+/stats"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,8 +26,25 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dawnchorus.models.export import head_to_tflite
 from dawnchorus.models.head import LinearHead, TFLiteHead
 from dawnchorus.protocol import topics
-from dawnchorus.protocol.embeddings import PayloadError, decode_embeddings
-from dawnchorus.protocol.messages import Ack, Detection, Manifest, Status, decode_detections
+from dawnchorus.protocol.embeddings import (
+    MAX_PAYLOAD_BYTES,
+    REASON_DIM,
+    REASON_IDS,
+    REASON_TOO_LARGE,
+    REASON_TOPIC,
+    PayloadError,
+    decode_embeddings,
+)
+from dawnchorus.protocol.messages import (
+    MAX_JSON_BYTES,
+    Ack,
+    Detection,
+    Manifest,
+    StationStats,
+    Status,
+    decode_detections,
+)
+from dawnchorus.protocol.rejections import RejectionCounter
 from dawnchorus.protocol.tls import TlsSettings
 from dawnchorus.server.adaptation import AdaptationConfig, RoundResult, SiteAdapter
 from dawnchorus.server.feed import DetectionFeed
@@ -103,8 +120,10 @@ class StationConfig:
         state_dir: the head registry, acks and the detection log.
         shard: which sites this process owns.
         adaptation: streaming NOTELA settings.
-        client_id: MQTT client id; unique per process.
+        client_id: MQTT client id; unique per process. It also names the process's stats topic.
         signing_key: the Ed25519 key that signs every published manifest. Required.
+        stats_interval_s: minimum seconds between two retained stats messages. One is sent
+            only when a counter changed, and a last one when the station stops.
     """
 
     broker_host: str = "127.0.0.1"
@@ -117,6 +136,7 @@ class StationConfig:
     adaptation: AdaptationConfig = dataclasses.field(default_factory=AdaptationConfig)
     client_id: str = "dawnchorus-base-station"
     signing_key: Ed25519PrivateKey | None = dataclasses.field(default=None, repr=False)
+    stats_interval_s: float = 30.0
 
 
 @dataclasses.dataclass
@@ -161,6 +181,11 @@ class BaseStation:
         self.recorders: dict[str, Status] = {}
         self.acks: dict[str, Ack] = {}
         self.counters: collections.Counter[str] = collections.Counter()
+        self.rejections = RejectionCounter(_LOGGER, "base station")
+        self._rejections_lock = threading.Lock()
+        self._stats_topic = topics.station_stats_topic(config.client_id)
+        self._stats_published: tuple[dict[str, int], dict[str, int]] | None = None
+        self._stats_time = 0.0
         self._seen = SequenceFilter()
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -223,15 +248,24 @@ class BaseStation:
         try:
             parsed = topics.parse_device_topic(message.topic)
         except topics.TopicError as error:
-            self._reject(message.topic, "?", str(error))
+            self._reject(message.topic, "?", "unknown", PayloadError(str(error), REASON_TOPIC))
             return
         if not self.config.shard.owns(parsed.site):
             return
+        # Checked here, in paho's thread, so that an oversized message is never copied or queued.
+        limit = MAX_PAYLOAD_BYTES if parsed.kind == "embeddings" else MAX_JSON_BYTES
+        if len(message.payload) > limit:
+            self._reject(message.topic, parsed.device, parsed.kind, PayloadError(
+                f"{len(message.payload)} bytes exceed the {limit}-byte limit of {parsed.kind} messages",
+                REASON_TOO_LARGE))
+            return
         self._queue.put((parsed, bytes(message.payload)))
 
-    def _reject(self, topic: str, device: str, reason: str) -> None:
-        self.counters["rejected_payloads"] += 1
-        _LOGGER.error("base station rejected a message on %s from device %s: %s", topic, device, reason)
+    def _reject(self, topic: str, device: str, kind: str, error: PayloadError) -> None:
+        """Count and log a rejected message. Both paho's thread and the worker call it."""
+        with self._rejections_lock:
+            self.counters["rejected_payloads"] += 1
+        self.rejections.reject(topic, f"device {device}", kind, error.reason, str(error))
 
     # Worker ----------------------------------------------------------------
 
@@ -269,16 +303,18 @@ class BaseStation:
             elif parsed.kind == "ack":
                 self._record_ack(parsed, Ack.decode(payload))
         except PayloadError as error:
-            self._reject(f"{topics.ROOT}/{parsed.site}/{parsed.device}/{parsed.kind}", parsed.device, str(error))
+            topic = topics.device_topic(parsed.site, parsed.device, parsed.kind)
+            self._reject(topic, parsed.device, parsed.kind, error)
 
     def _ingest_embeddings(self, parsed: topics.DeviceTopic, payload: bytes) -> None:
         batch = decode_embeddings(payload)
         if batch.device != parsed.device or batch.site != parsed.site:
             raise PayloadError(f"header names device {batch.device} of site {batch.site}, "
-                               f"the topic {parsed.device} of site {parsed.site}")
+                               f"the topic {parsed.device} of site {parsed.site}", REASON_IDS)
         dim = self.source_head.weights.shape[1]
         if batch.embeddings.shape[1] != dim:
-            raise PayloadError(f"embeddings have {batch.embeddings.shape[1]} dimensions, the model's have {dim}")
+            raise PayloadError(f"embeddings have {batch.embeddings.shape[1]} dimensions, the model's have {dim}",
+                               REASON_DIM)
         fresh = [i for i, seq in enumerate(batch.sequence.tolist()) if self._seen.is_new(batch.device, seq)]
         self.counters["embeddings_duplicate"] += len(batch) - len(fresh)
         if not fresh:
@@ -292,7 +328,8 @@ class BaseStation:
 
     def _record_ack(self, parsed: topics.DeviceTopic, ack: Ack) -> None:
         if ack.device != parsed.device or ack.site != parsed.site:
-            raise PayloadError(f"ack names device {ack.device} of site {ack.site}, the topic another")
+            raise PayloadError(f"ack names device {ack.device} of site {ack.site}, the topic another",
+                               REASON_IDS)
         self.acks[ack.device] = ack
         if ack.accepted:
             self.counters["acks"] += 1
@@ -399,8 +436,32 @@ class BaseStation:
                      self._publisher.key_id)
         return True
 
+    def stats(self) -> StationStats:
+        """Return the station's counters and its rejected messages per kind and reason."""
+        # dict() copies the Counter in one step under the GIL, while paho's thread may add a key.
+        snapshot = dict(self.counters)
+        counters = {name: int(value) for name, value in sorted(snapshot.items())}
+        return StationStats(self.config.client_id, time.time(), counters, self.rejections.counts())
+
+    def _publish_stats(self, force: bool = False) -> None:
+        """Publish the retained stats if a counter changed and ``stats_interval_s`` has passed (or ``force``)."""
+        if not force and time.monotonic() - self._stats_time < self.config.stats_interval_s:
+            return
+        stats = self.stats()
+        if (stats.counters, stats.rejected) == self._stats_published:
+            return
+        self._stats_time = time.monotonic()
+        self._stats_published = (stats.counters, stats.rejected)
+        info = self._client.publish(self._stats_topic, stats.encode(), qos=1, retain=True)
+        if force and info.rc == mqtt.MQTT_ERR_SUCCESS:
+            try:
+                info.wait_for_publish(timeout=5)
+            except (RuntimeError, ValueError) as error:
+                _LOGGER.warning("base station: the final stats were not delivered: %s", error)
+
     def _work(self) -> None:
         while not self._stop.is_set():
+            self._publish_stats()
             try:
                 parsed, payload = self._queue.get(timeout=0.2)
             except queue.Empty:
@@ -439,10 +500,13 @@ class BaseStation:
         self._stop.set()
         if self._worker is not None:
             self._worker.join(timeout=30)
+        self._publish_stats(force=True)
         self._client.disconnect()
         self._client.loop_stop()
         self.feed.close()
-        _LOGGER.info("base station stopped: %s", dict(self.counters))
+        stats = self.stats()
+        _LOGGER.info("base station stopped: counters %s, rejected messages by kind and reason %s",
+                     stats.counters, stats.rejected)
 
     def idle(self) -> bool:
         return self._queue.empty()

@@ -16,11 +16,21 @@ import time
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Property tests run the same few hundred examples on every run ("ci"), so that
+# the suite stays fast and a failure reproduces. For a longer fuzzing session
+# with fresh random examples: pytest tests/test_protocol.py --hypothesis-profile=fuzz
+settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=5_000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

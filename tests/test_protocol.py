@@ -1,4 +1,9 @@
-"""Payload codecs: round trips, and rejection of malformed messages."""
+"""Payload codecs: round trips, and rejection of malformed messages.
+
+The property tests at the end feed the decoders arbitrary and mutated
+payloads. They run a fixed set of examples by default (the "ci" profile in
+conftest.py); ``--hypothesis-profile=fuzz`` runs 5,000 fresh ones per test.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,31 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from dawnchorus.protocol import topics
-from dawnchorus.protocol.embeddings import EmbeddingBatch, PayloadError, decode_embeddings, encode_embeddings
-from dawnchorus.protocol.messages import Ack, Detection, Manifest, Status, decode_detections, encode_detections
+from hypothesis.extra import numpy as hnp
+
+from dawnchorus.protocol.embeddings import (
+    MAX_PAYLOAD_BYTES,
+    REASONS,
+    EmbeddingBatch,
+    PayloadError,
+    decode_embeddings,
+    encode_embeddings,
+)
+from dawnchorus.protocol.messages import (
+    MAX_JSON_BYTES,
+    Ack,
+    Detection,
+    Manifest,
+    ManifestSignature,
+    StationStats,
+    Status,
+    decode_detections,
+    encode_detections,
+)
 
 
 def _batch(windows: int = 3, dim: int = 1024) -> EmbeddingBatch:
@@ -85,27 +109,6 @@ def test_embeddings_invalid_device_id_rejected_on_encode():
         encode_embeddings(batch)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=4096))
-def test_embeddings_decoder_fuzz(payload):
-    try:
-        decode_embeddings(payload)
-    except PayloadError:
-        pass
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.integers(min_value=0, max_value=200), st.integers(min_value=0, max_value=255))
-def test_embeddings_decoder_single_byte_corruption(position, value):
-    payload = bytearray(encode_embeddings(_batch(windows=2, dim=8)))
-    payload[position % len(payload)] = value
-    try:
-        decoded = decode_embeddings(bytes(payload))
-    except PayloadError:
-        return
-    assert decoded.embeddings.shape[1] >= 1
-
-
 def test_detections_round_trip():
     detection = Detection("rec-1", "forest-a", 5, 10.0, 13.0, "Turdus merula_Eurasian Blackbird", 0.91, 2)
     decoded = decode_detections(encode_detections([detection]))
@@ -165,16 +168,6 @@ def test_manifest_probe_shape_mismatch_rejected():
         Manifest.decode(json.dumps(record).encode())
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(["protocol", "site", "version", "labels", "sha256", "probe", "size"]),
-                       st.one_of(st.integers(), st.text(max_size=8), st.none(), st.lists(st.text(max_size=3)))))
-def test_manifest_decoder_fuzz(record):
-    try:
-        Manifest.decode(json.dumps(record).encode())
-    except PayloadError:
-        pass
-
-
 def test_topics_parse_device_topic():
     parsed = topics.parse_device_topic(topics.device_topic("forest-a", "rec-1", "embeddings"))
     assert (parsed.site, parsed.device, parsed.kind) == ("forest-a", "rec-1", "embeddings")
@@ -185,3 +178,271 @@ def test_topics_parse_device_topic():
 def test_topics_invalid_rejected(topic):
     with pytest.raises(topics.TopicError):
         topics.parse_device_topic(topic)
+
+
+# Property tests -----------------------------------------------------------------------------
+
+ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z").filter(lambda value: value != "model")
+finite = st.floats(allow_nan=False, allow_infinity=False)
+unsigned = st.integers(min_value=0, max_value=2**63)
+
+
+@st.composite
+def embedding_batches(draw) -> EmbeddingBatch:
+    windows = draw(st.integers(min_value=1, max_value=6))
+    dim = draw(st.integers(min_value=1, max_value=24))
+    vectors = draw(hnp.arrays(np.float16, (windows, dim), elements=st.floats(width=16, allow_nan=False,
+                                                                            allow_infinity=False)))
+    return EmbeddingBatch(
+        device=draw(ids), site=draw(ids), head_version=draw(st.integers(min_value=0, max_value=2**32 - 1)),
+        sequence=draw(hnp.arrays(np.uint64, (windows,))),
+        start_time=draw(hnp.arrays(np.float64, (windows,), elements=finite)),
+        embeddings=vectors,
+    )
+
+
+def _same_batch(a: EmbeddingBatch, b: EmbeddingBatch) -> bool:
+    return (a.device, a.site, a.head_version) == (b.device, b.site, b.head_version) and all(
+        x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+        for x, y in ((a.sequence, b.sequence), (a.start_time, b.start_time), (a.embeddings, b.embeddings))
+    )
+
+
+def _decode_or_reject(decoder, payload: bytes):
+    """Return the decoded value, or None when the decoder raised PayloadError with a known reason."""
+    try:
+        return decoder(payload)
+    except PayloadError as error:
+        assert error.reason in REASONS, error.reason
+        return None
+
+
+@given(embedding_batches())
+def test_embeddings_round_trip_exact(batch):
+    payload = encode_embeddings(batch)
+    decoded = decode_embeddings(payload)
+    assert _same_batch(decoded, batch)
+    assert encode_embeddings(decoded) == payload
+
+
+@given(st.binary(max_size=4096))
+def test_embeddings_decoder_arbitrary_bytes(payload):
+    decoded = _decode_or_reject(decode_embeddings, payload)
+    if decoded is not None:
+        assert encode_embeddings(decoded) == payload
+
+
+@st.composite
+def mutated(draw, payload: bytes) -> bytes:
+    """Apply one to four random edits to ``payload``: overwrite, insert, delete or truncate bytes."""
+    data = bytearray(payload)
+    for _ in range(draw(st.integers(min_value=1, max_value=4))):
+        position = draw(st.integers(min_value=0, max_value=max(len(data) - 1, 0)))
+        edit = draw(st.sampled_from(["overwrite", "insert", "delete", "truncate"]))
+        if edit == "overwrite" and data:
+            data[position] = draw(st.integers(min_value=0, max_value=255))
+        elif edit == "insert":
+            data[position:position] = draw(st.binary(min_size=1, max_size=8))
+        elif edit == "delete":
+            del data[position:position + draw(st.integers(min_value=1, max_value=8))]
+        else:
+            del data[position:]
+    return bytes(data)
+
+
+@given(st.data())
+def test_embeddings_decoder_mutated_payload(data):
+    payload = data.draw(mutated(encode_embeddings(data.draw(embedding_batches()))))
+    decoded = _decode_or_reject(decode_embeddings, payload)
+    if decoded is not None:
+        assert encode_embeddings(decoded) == payload
+
+
+def test_embeddings_oversized_rejected():
+    with pytest.raises(PayloadError) as raised:
+        decode_embeddings(bytes(MAX_PAYLOAD_BYTES + 1))
+    assert raised.value.reason == "too_large"
+
+
+def test_json_oversized_rejected():
+    with pytest.raises(PayloadError) as raised:
+        Manifest.decode(b" " * (MAX_JSON_BYTES + 1))
+    assert raised.value.reason == "too_large"
+
+
+@pytest.mark.parametrize("payload", [b'{"detections": [], "x": NaN}', b'{"detections": [], "x": 1e999}',
+                                     b'{"detections": [], "x": -Infinity}'])
+def test_json_non_finite_numbers_rejected(payload):
+    with pytest.raises(PayloadError) as raised:
+        decode_detections(payload)
+    assert raised.value.reason == "not_finite"
+
+
+def test_json_deep_nesting_rejected():
+    with pytest.raises(PayloadError) as raised:
+        Status.decode(b"[" * 100_000)
+    assert raised.value.reason == "json"
+
+
+def test_manifest_huge_probe_shape_rejected():
+    record = json.loads(_manifest().encode())
+    record["probe"]["embeddings"].update(shape=[2**32, 2**32], data="")
+    with pytest.raises(PayloadError, match="do not fill shape"):
+        Manifest.decode(json.dumps(record).encode())
+
+
+def test_detections_unknown_protocol_rejected():
+    with pytest.raises(PayloadError) as raised:
+        decode_detections(b'{"protocol": 2, "detections": []}')
+    assert raised.value.reason == "version"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | finite | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+
+detections = st.builds(
+    Detection, device=ids, site=ids, sequence=unsigned, start_time=finite, end_time=finite,
+    label=st.text(max_size=40), confidence=st.floats(min_value=0.0, max_value=1.0), head_version=unsigned,
+)
+statuses = st.builds(
+    Status, device=ids, site=ids, state=st.sampled_from(Status.STATES), head_version=unsigned, windows=unsigned,
+    time=finite, counters=st.dictionaries(st.text(max_size=20), st.integers(), max_size=5),
+)
+acks = st.builds(Ack, device=ids, site=ids, version=st.integers(), accepted=st.booleans(),
+                 reason=st.text(max_size=40), time=finite)
+station_stats = st.builds(
+    StationStats, station=ids, time=finite,
+    counters=st.dictionaries(st.text(max_size=20), st.integers(), max_size=5),
+    rejected=st.dictionaries(st.text(max_size=20), st.integers(), max_size=5),
+)
+
+# Each JSON decoder, with how to encode what it returns.
+JSON_CODECS = {
+    "detections": (decode_detections, encode_detections),
+    "status": (Status.decode, lambda status: status.encode()),
+    "ack": (Ack.decode, lambda ack: ack.encode()),
+    "station stats": (StationStats.decode, lambda stats: stats.encode()),
+    "manifest": (Manifest.decode, lambda manifest: manifest.encode()),
+}
+
+
+def _check_json_decoder(name: str, payload: bytes) -> None:
+    """Decode ``payload``; if it is accepted, its encoding must decode to an equal value."""
+    decode, encode = JSON_CODECS[name]
+    decoded = _decode_or_reject(decode, payload)
+    if decoded is None:
+        return
+    encoded = encode(decoded)
+    again = decode(encoded)
+    if name == "manifest":
+        assert again.encode() == encoded
+    else:
+        assert again == decoded
+
+
+@given(st.lists(detections, max_size=4))
+def test_detections_round_trip_exact(items):
+    assert decode_detections(encode_detections(items)) == items
+
+
+@given(statuses)
+def test_status_round_trip_exact(status):
+    assert Status.decode(status.encode()) == status
+
+
+@given(acks)
+def test_ack_round_trip_exact(ack):
+    assert Ack.decode(ack.encode()) == ack
+
+
+@given(station_stats)
+def test_station_stats_round_trip_exact(stats):
+    assert StationStats.decode(stats.encode()) == stats
+
+
+@st.composite
+def manifests(draw) -> Manifest:
+    classes = draw(st.integers(min_value=1, max_value=4))
+    probes = draw(st.integers(min_value=0, max_value=3))
+    signature = draw(st.none() | st.builds(ManifestSignature, key_id=st.text(max_size=16),
+                                           value=st.binary(min_size=64, max_size=64)))
+    site = draw(ids)
+    version = draw(st.integers(min_value=1, max_value=2**31))
+    return Manifest(
+        site=site, version=version, parent=draw(st.integers(min_value=0, max_value=version)),
+        labels=draw(st.lists(st.text(min_size=1, max_size=20), min_size=classes, max_size=classes)),
+        sha256=draw(st.from_regex(r"\A[0-9a-f]{64}\Z")), size=draw(unsigned),
+        precision=draw(st.sampled_from(["fp16", "fp32"])), blob_topic=topics.blob_topic(site, version),
+        created=draw(finite),
+        probe_embeddings=draw(hnp.arrays(np.float16, (probes, 8), elements=st.floats(
+            width=16, allow_nan=False, allow_infinity=False))).astype(np.float32),
+        probe_logits=draw(hnp.arrays(np.float32, (probes, classes), elements=st.floats(
+            width=32, allow_nan=False, allow_infinity=False))),
+        stats=draw(st.dictionaries(st.text(max_size=12), finite, max_size=3)),
+        sequence=draw(st.integers(min_value=1, max_value=2**62)), rollback=draw(st.booleans()),
+        signature=signature,
+    )
+
+
+@given(manifests())
+def test_manifest_round_trip_exact(manifest):
+    payload = manifest.encode()
+    decoded = Manifest.decode(payload)
+    assert decoded.encode() == payload
+    assert decoded.signed_record() == manifest.signed_record()
+
+
+@given(st.sampled_from(sorted(JSON_CODECS)), st.binary(max_size=512))
+def test_json_decoders_arbitrary_bytes(name, payload):
+    _check_json_decoder(name, payload)
+
+
+@given(st.sampled_from(sorted(JSON_CODECS)), st.dictionaries(st.text(max_size=12), json_values, max_size=8))
+def test_json_decoders_arbitrary_objects(name, record):
+    _check_json_decoder(name, json.dumps(record).encode())
+
+
+@st.composite
+def mutated_records(draw, record: dict) -> dict:
+    """Delete fields of ``record``, or replace them (one level down too) with arbitrary JSON values."""
+    record = json.loads(json.dumps(record))
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        target = record
+        nested = [key for key, value in record.items() if isinstance(value, dict) and value]
+        if nested and draw(st.booleans()):
+            target = record[draw(st.sampled_from(sorted(nested)))]
+        if not target:
+            break
+        key = draw(st.sampled_from(sorted(target)))
+        if draw(st.booleans()):
+            del target[key]
+        else:
+            target[key] = draw(json_values)
+    return record
+
+
+@given(st.data())
+def test_manifest_decoder_mutated_record(data):
+    record = json.loads(data.draw(manifests()).encode())
+    _check_json_decoder("manifest", json.dumps(data.draw(mutated_records(record))).encode())
+
+
+@given(st.data())
+def test_json_decoders_mutated_record(data):
+    name, value = data.draw(st.sampled_from([
+        ("detections", st.lists(detections, min_size=1, max_size=2).map(encode_detections)),
+        ("status", statuses.map(Status.encode)),
+        ("ack", acks.map(Ack.encode)),
+        ("station stats", station_stats.map(StationStats.encode)),
+    ]))
+    record = json.loads(data.draw(value))
+    _check_json_decoder(name, json.dumps(data.draw(mutated_records(record))).encode())
+
+
+@given(st.data())
+def test_manifest_decoder_mutated_bytes(data):
+    payload = data.draw(manifests()).encode()
+    _check_json_decoder("manifest", data.draw(mutated(payload)))

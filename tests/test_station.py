@@ -3,6 +3,8 @@ the collapse guard, and heads made obsolete by a rollback."""
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 import uuid
 
@@ -14,7 +16,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dawnchorus.models.backbone import Backbone, load_source_model
 from dawnchorus.protocol import topics
-from dawnchorus.protocol.embeddings import EmbeddingBatch, encode_embeddings
+from dawnchorus.protocol.embeddings import MAX_PAYLOAD_BYTES, EmbeddingBatch, encode_embeddings
+from dawnchorus.protocol.messages import MAX_JSON_BYTES, StationStats
+from dawnchorus.protocol.rejections import LOG_BURST
 from dawnchorus.server.adaptation import AdaptationConfig, check_collapse
 from dawnchorus.server.publication import HeadPublisher, load_rollback, publish_rollback
 from dawnchorus.server.registry import HeadRegistry, Publication
@@ -91,25 +95,123 @@ def test_station_deduplicates_by_device_and_sequence(station, publisher, embeddi
     assert station.sites[site].buffer.size == 25
 
 
-def test_station_rejects_bad_payloads_and_keeps_running(station, publisher, embeddings):
+def _embeddings_payload(site: str, device: str, embeddings: np.ndarray, first: int = 0) -> bytes:
+    return encode_embeddings(EmbeddingBatch(device, site, 0, np.arange(first, first + len(embeddings), dtype=np.uint64),
+                                            np.zeros(len(embeddings)), embeddings))
+
+
+def _patched(payload: bytes, position: int, value: int) -> bytes:
+    changed = bytearray(payload)
+    changed[position] = value
+    return bytes(changed)
+
+
+def _with_nan(site: str, embeddings: np.ndarray) -> bytes:
+    vectors = embeddings[:3].copy()
+    vectors[1, 7] = np.nan
+    return _embeddings_payload(site, "rec-1", vectors, first=50)
+
+
+_DETECTION = {"device": "rec-1", "sequence": 1, "start_time": 0.0, "end_time": 3.0,
+              "label": "Turdus merula_Eurasian Blackbird", "confidence": 0.9, "head_version": 0}
+
+# Per case: the message kind, how to build its payload for (site, embeddings), and the reason it is counted under.
+BAD_PAYLOADS = {
+    "wrong length": ("embeddings", lambda site, e: _embeddings_payload(site, "rec-1", e[:3])[:-10], "length"),
+    "wrong dtype": ("embeddings", lambda site, e: _patched(_embeddings_payload(site, "rec-1", e[:3]), 5, 2), "dtype"),
+    "unknown version": ("embeddings", lambda site, e: _patched(_embeddings_payload(site, "rec-1", e[:3]), 4, 9),
+                        "version"),
+    "wrong embedding size": ("embeddings", lambda site, e: _embeddings_payload(site, "rec-1", e[:3, :512]), "dim"),
+    "oversized embeddings": ("embeddings", lambda site, e: bytes(MAX_PAYLOAD_BYTES + 1), "too_large"),
+    "not a batch": ("embeddings", lambda site, e: b"garbage" * 10, "magic"),
+    "other device in header": ("embeddings", lambda site, e: _embeddings_payload(site, "rec-9", e[:3]), "ids"),
+    "NaN embeddings": ("embeddings", lambda site, e: _with_nan(site, e), "not_finite"),
+    "invalid JSON": ("detections", lambda site, e: b"{not json", "json"),
+    "oversized JSON": ("detections", lambda site, e: b" " * (MAX_JSON_BYTES + 1), "too_large"),
+    "unknown detections protocol": ("detections", lambda site, e: json.dumps(
+        {"protocol": 7, "detections": []}).encode(), "version"),
+    "detection missing field": ("detections", lambda site, e: json.dumps(
+        {"protocol": 1, "detections": [_DETECTION]}).encode(), "missing_field"),
+    "ack missing field": ("ack", lambda site, e: b'{"device": "rec-1"}', "missing_field"),
+    "status unknown state": ("status", lambda site, e: b'{"state": "dancing"}', "field"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PAYLOADS))
+def test_station_rejects_bad_payload(station, publisher, embeddings, caplog, case):
+    kind, build, reason = BAD_PAYLOADS[case]
     site = _owned_site(station.config.shard)
-    good = encode_embeddings(EmbeddingBatch("rec-1", site, 0, np.arange(3, dtype=np.uint64), np.zeros(3),
-                                            embeddings[:3]))
-    bad = [
-        (topics.device_topic(site, "rec-1", "embeddings"), b"garbage"),
-        (topics.device_topic(site, "rec-1", "embeddings"), good[:-10]),
-        (topics.device_topic(site, "rec-9", "embeddings"), good),
-        (topics.device_topic(site, "rec-1", "detections"), b"{not json"),
-        (topics.device_topic(site, "rec-1", "ack"), b'{"device": "rec-1"}'),
-        (topics.device_topic(site, "rec-1", "status"), b'{"state": "dancing"}'),
-    ]
-    for topic, payload in bad:
-        publisher.publish(topic, payload, qos=1).wait_for_publish(10)
-    publisher.publish(topics.device_topic(site, "rec-1", "embeddings"), good, qos=1).wait_for_publish(10)
-    assert _wait(lambda: station.counters["embeddings"] == 3
-                 and station.counters["rejected_payloads"] >= len(bad), timeout=60), dict(station.counters)
-    assert station.counters["rejected_payloads"] == len(bad)
+    topic = topics.device_topic(site, "rec-1", kind)
+
+    with caplog.at_level(logging.ERROR, logger="dawnchorus.server.station"):
+        publisher.publish(topic, build(site, embeddings), qos=1).wait_for_publish(10)
+        publisher.publish(topics.device_topic(site, "rec-1", "embeddings"),
+                          _embeddings_payload(site, "rec-1", embeddings[:3], first=100), qos=1).wait_for_publish(10)
+        assert _wait(lambda: station.counters["embeddings"] == 3 and station.rejections.total == 1, timeout=60), \
+            (dict(station.counters), station.rejections.counts())
+
+    assert station.rejections.counts() == {f"{kind}.{reason}": 1}
+    assert station.counters["rejected_payloads"] == 1
     assert station.counters["ingest_errors"] == 0
+    lines = [record.getMessage() for record in caplog.records if "rejected" in record.getMessage()]
+    assert len(lines) == 1
+    assert topic in lines[0]
+    assert "device rec-1" in lines[0]
+    assert f"reason {reason}" in lines[0]
+
+
+def test_station_rejection_log_rate_limited(station, publisher, caplog):
+    site = _owned_site(station.config.shard)
+    topic = topics.device_topic(site, "rec-1", "detections")
+    count = LOG_BURST + 5
+    with caplog.at_level(logging.ERROR, logger="dawnchorus.server.station"):
+        for _ in range(count):
+            publisher.publish(topic, b"{not json", qos=1).wait_for_publish(10)
+        assert _wait(lambda: station.rejections.total == count)
+    assert station.rejections.counts() == {"detections.json": count}
+    assert len([record for record in caplog.records if "rejected" in record.getMessage()]) == LOG_BURST
+
+
+def test_station_publishes_retained_stats(mosquitto, source, publisher, embeddings, tmp_path, caplog):
+    config = StationConfig(
+        broker_host=mosquitto.host, broker_port=mosquitto.port, state_dir=tmp_path,
+        client_id=f"test-station-{uuid.uuid4().hex[:8]}", stats_interval_s=0.2,
+        adaptation=AdaptationConfig(buffer_capacity=100, update_interval=1000, min_buffer=10),
+        signing_key=Ed25519PrivateKey.generate(),
+    )
+    base = BaseStation(config, source.head, lambda site: LABELS)
+    base.start()
+    try:
+        assert base.connected.wait(20)
+        site = "site-stats"
+        publisher.publish(topics.device_topic(site, "rec-1", "embeddings"), b"garbage" * 10, qos=1).wait_for_publish(10)
+        publisher.publish(topics.device_topic(site, "rec-1", "embeddings"),
+                          _embeddings_payload(site, "rec-1", embeddings[:4]), qos=1).wait_for_publish(10)
+        assert _wait(lambda: base.counters["embeddings"] == 4)
+
+        stats_topic = topics.station_stats_topic(config.client_id)
+        received = []
+        reader = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-stats-{uuid.uuid4().hex[:8]}")
+        reader.on_message = lambda client, userdata, message: received.append(StationStats.decode(message.payload))
+        reader.connect(mosquitto.host, mosquitto.port)
+        reader.subscribe(stats_topic, qos=1)
+        reader.loop_start()
+        try:
+            assert _wait(lambda: any(stats.counters.get("embeddings") == 4 for stats in received), timeout=30)
+        finally:
+            reader.loop_stop()
+            reader.disconnect()
+    finally:
+        with caplog.at_level(logging.INFO, logger="dawnchorus.server.station"):
+            base.stop()
+        publisher.publish(topics.station_stats_topic(config.client_id), b"", qos=1, retain=True).wait_for_publish(10)
+
+    latest = [stats for stats in received if stats.counters.get("embeddings") == 4][-1]
+    assert latest.station == config.client_id
+    assert latest.rejected == {"embeddings.magic": 1}
+    assert latest.counters["rejected_payloads"] == 1
+    summary = [record.getMessage() for record in caplog.records if "base station stopped" in record.getMessage()]
+    assert "'embeddings.magic': 1" in summary[0]
 
 
 def test_station_ignores_sites_of_other_shards(station, publisher, embeddings):
