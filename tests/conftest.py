@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Callable
 
 import pytest
 
@@ -47,24 +48,32 @@ def _wait_for_port(port: int, timeout: float) -> bool:
 
 
 class Mosquitto:
-    """A Mosquitto process on a free loopback port, with queue limits raised as in deploy/."""
+    """A Mosquitto process on a free loopback port, with queue limits raised as in deploy/.
 
-    def __init__(self, directory: pathlib.Path):
+    Args:
+        directory: holds the configuration file and the log.
+        config: returns the configuration text for a port; by default an
+            anonymous listener without persistence.
+        port: the port to listen on, e.g. to restart a broker; a free one by default.
+    """
+
+    def __init__(self, directory: pathlib.Path, config: Callable[[int], str] | None = None, port: int | None = None):
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not os.path.exists(binary):
             pytest.fail("mosquitto is not installed: run .ci/run, or apt-get install mosquitto")
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.host = "127.0.0.1"
-        config = directory / "mosquitto.conf"
-        config.write_text(
+        config_path = directory / "mosquitto.conf"
+        config_path.write_text(config(self.port) if config is not None else (
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence false\n"
             "max_queued_messages 100000\n"
             "max_inflight_messages 0\n"
-        )
-        self._log = open(directory / "mosquitto.log", "w")
-        self._process = subprocess.Popen([binary, "-c", str(config)], stdout=self._log, stderr=subprocess.STDOUT)
+        ))
+        self._log = open(directory / "mosquitto.log", "a")
+        self._process = subprocess.Popen([binary, "-c", str(config_path)], stdout=self._log,
+                                         stderr=subprocess.STDOUT)
         if not _wait_for_port(self.port, 10):
             self.stop()
             pytest.fail(f"mosquitto did not listen on 127.0.0.1:{self.port}; see {directory}/mosquitto.log")
@@ -74,12 +83,33 @@ class Mosquitto:
         return f"{self.host}:{self.port}"
 
     def stop(self) -> None:
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
         self._log.close()
+
+
+@pytest.fixture()
+def start_mosquitto(tmp_path):
+    """Start brokers of the test's own, each in its own folder under tmp_path; all stop at teardown.
+
+    Call it with a folder name, and optionally ``config`` and ``port`` as ``Mosquitto`` takes them.
+    """
+    started: list[Mosquitto] = []
+
+    def start(name: str, config: Callable[[int], str] | None = None, port: int | None = None) -> Mosquitto:
+        directory = tmp_path / name
+        directory.mkdir(exist_ok=True)
+        broker = Mosquitto(directory, config, port)
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop()
 
 
 @pytest.fixture(scope="session")
@@ -213,3 +243,17 @@ def observer(mosquitto) -> MqttObserver:
     watcher = MqttObserver(mosquitto)
     yield watcher
     watcher.close()
+
+
+@pytest.fixture()
+def observe():
+    """Start an ``MqttObserver`` on a given broker; it closes at teardown."""
+    watchers: list[MqttObserver] = []
+
+    def start(broker: Mosquitto) -> MqttObserver:
+        watchers.append(MqttObserver(broker))
+        return watchers[-1]
+
+    yield start
+    for watcher in watchers:
+        watcher.close()

@@ -192,10 +192,12 @@ def test_station_restart_restores_buffer_and_filter(mosquitto, source, publisher
         second.stop()
 
 
-def test_station_crash_replays_journal(mosquitto, source, publisher, embeddings, tmp_path):
+def test_station_crash_replays_journal_and_drops_redelivery(mosquitto, source, publisher, embeddings, tmp_path):
     # A round interval above the windows sent means no snapshot is written before the crash.
     config = _config(mosquitto, tmp_path, update_interval=1000)
     first = BaseStation(config, source.head, lambda site: LABELS)
+    # The crash comes after the journal commit and before the acknowledgement.
+    first._acknowledge = lambda group: None
     first.start()
     assert first.connected.wait(20)
     _send(publisher, "site-crash", "rec-1", embeddings[:10], first=0)
@@ -209,7 +211,7 @@ def test_station_crash_replays_journal(mosquitto, source, publisher, embeddings,
         assert second.connected.wait(20)
         assert second.sites["site-crash"].buffer.size == 10
         assert second.sites["site-crash"].pending == 10
-        _send(publisher, "site-crash", "rec-1", embeddings[:10], first=0)
+        # The broker delivers the unacknowledged message again, and its windows are duplicates.
         assert _wait(lambda: second.counters["embeddings_duplicate"] == 10)
         assert second.counters["embeddings"] == 0
     finally:
