@@ -1,7 +1,7 @@
 """What one site has accepted: its adapter, the origin of each buffer slot and its duplicate filter.
 
 ``SiteIngest`` is the unit that the base station persists. Its snapshot
-holds the neighbour buffer (with its neighbour lists, so a restart needs no
+contains the neighbour buffer (with its neighbour lists, so a restart needs no
 recomputation), the count of windows since the last round, the duplicate
 filter, and the (device, sequence number) of every buffer slot, which
 ``dawnchorus server inspect`` reports.
@@ -59,9 +59,9 @@ class SiteIngest:
             embeddings: [n, dim] float16 or float32.
         """
         slots = self.adapter.add(np.asarray(embeddings, dtype=np.float32))
-        kept = slots >= 0
-        self._slot_devices[slots[kept]] = np.asarray(devices, dtype=object)[kept]
-        self._slot_sequences[slots[kept]] = np.asarray(sequences, dtype=np.uint64)[kept]
+        stored = slots >= 0
+        self._slot_devices[slots[stored]] = np.asarray(devices, dtype=object)[stored]
+        self._slot_sequences[slots[stored]] = np.asarray(sequences, dtype=np.uint64)[stored]
         for device, sequence in zip(devices, np.asarray(sequences).tolist()):
             self.filter.add(device, int(sequence))
         self.unsaved += len(devices)
@@ -89,10 +89,13 @@ class SiteIngest:
     def restore(self, arrays: dict[str, np.ndarray]) -> None:
         """Load a snapshot written from ``state``.
 
-        A snapshot taken with another buffer capacity, dimension or k (the
-        station was restarted with other settings) is replayed window by
-        window into the configured buffer, oldest first, so the newest
-        windows are kept.
+        A snapshot taken with another buffer capacity or k (the station was
+        restarted with other settings) is replayed window by window into the
+        configured buffer, oldest first, so the newest windows are kept.
+
+        Raises:
+            ValueError, KeyError: the snapshot is damaged or was written for a
+                model of another embedding dimension.
         """
         buffer_state = {key[len("buffer_"):]: value for key, value in arrays.items() if key.startswith("buffer_")}
         filter_state = {key[len("filter_"):]: value for key, value in arrays.items() if key.startswith("filter_")}

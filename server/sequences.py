@@ -1,4 +1,4 @@
-"""Which sequence numbers each recorder has had accepted, kept as ranges.
+"""The duplicate filter: ranges of the sequence numbers accepted from each recorder.
 
 QoS 1 can deliver a message twice, and a base station that restarts gets
 again every message it had not acknowledged. The base station therefore

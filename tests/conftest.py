@@ -51,7 +51,7 @@ class Mosquitto:
     """A Mosquitto process on a free loopback port, with queue limits raised as in deploy/.
 
     Args:
-        directory: holds the configuration file and the log.
+        directory: the folder for the configuration file and the log.
         config: returns the configuration text for a port; by default an
             anonymous listener without persistence.
         port: the port to listen on, e.g. to restart a broker; a free one by default.

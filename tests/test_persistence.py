@@ -172,7 +172,8 @@ def test_station_restart_restores_buffer_and_filter(mosquitto, source, publisher
     assert first.connected.wait(20)
     _send(publisher, "site-restart", "rec-1", embeddings[:12], first=0)
     _send(publisher, "site-restart", "rec-2", embeddings[12:20], first=100)
-    assert _wait(lambda: first.counters["embeddings"] == 20 and first.idle())
+    assert _wait(lambda: first.counters["embeddings"] == 20)
+    assert _wait(first.idle)
     before = first.sites["site-restart"].buffer.embeddings.copy()
     first.stop()
 
@@ -201,7 +202,8 @@ def test_station_crash_replays_journal_and_drops_redelivery(mosquitto, source, p
     first.start()
     assert first.connected.wait(20)
     _send(publisher, "site-crash", "rec-1", embeddings[:10], first=0)
-    assert _wait(lambda: first.counters["embeddings"] == 10 and first.idle())
+    assert _wait(lambda: first.counters["embeddings"] == 10)
+    assert _wait(first.idle)
     _crash(first)
     assert not (tmp_path / "sites" / "site-crash" / "buffer.npz").exists()
 
@@ -229,7 +231,8 @@ def test_server_inspect_prints_ranges(mosquitto, source, publisher, embeddings, 
         assert station.connected.wait(20)
         _send(publisher, "site-inspect", "rec-1", embeddings[:6], first=0)
         _send(publisher, "site-inspect", "rec-1", embeddings[6:9], first=10)
-        assert _wait(lambda: station.counters["embeddings"] == 9 and station.idle())
+        assert _wait(lambda: station.counters["embeddings"] == 9)
+        assert _wait(station.idle)
     finally:
         station.stop()
     command = [sys.executable, "-m", "dawnchorus", "server", "inspect", "--state-dir", str(tmp_path)]
