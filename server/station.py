@@ -577,10 +577,12 @@ class BaseStation:
                 except Exception:
                     self.counters["ingest_errors"] += 1
                     _LOGGER.exception("base station failed on a message on %s", received.topic)
+                # Rounds come after every message, as the windows arrive, however the messages were grouped.
+                self._run_rounds()
             if self._commit(staged):
                 self._acknowledge(group)
             self._busy = False
-            self._run_rounds()
+            # Only now, with the group committed, may a snapshot cover its windows.
             self._save_snapshots()
 
     # Lifecycle ---------------------------------------------------------------
