@@ -124,6 +124,13 @@ def embeddings(source, data_dir):
 
 
 @pytest.fixture()
+def mosquitto(start_mosquitto):
+    # A broker of the test's own, so that these messages are not queued for the
+    # persistent sessions that other tests' base stations leave on the shared broker.
+    return start_mosquitto("broker")
+
+
+@pytest.fixture()
 def publisher(mosquitto):
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-publisher-{uuid.uuid4().hex[:8]}")
     client.connect(mosquitto.host, mosquitto.port)
