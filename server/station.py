@@ -558,12 +558,16 @@ class BaseStation:
         return group
 
     def _work(self) -> None:
-        # Restored sites may have a round due.
-        self._run_rounds()
-        self._save_snapshots()
+        # Restored sites may have a round due. It runs once the station is
+        # connected, so that a head it publishes reaches the broker at once.
+        rounds_after_restore = True
         while not self._stop.is_set():
             group = self._take_group()
             if not group:
+                if rounds_after_restore and self.connected.is_set():
+                    rounds_after_restore = False
+                    self._run_rounds()
+                    self._save_snapshots()
                 if self._flush_requested.is_set():
                     self._flush_requested.clear()
                     self._run_rounds(flush=True)
