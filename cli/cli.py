@@ -1,4 +1,4 @@
-"""The ``dawnchorus`` command: demo, edge run, server run and rollback, keys generate, analyze."""
+"""The ``dawnchorus`` command: demo, edge run, server run, rollback and inspect, keys generate, analyze."""
 
 from __future__ import annotations
 
@@ -390,6 +390,8 @@ def build_station(
 def run_server(args: argparse.Namespace) -> int:
     if args.server_command == "rollback":
         return run_rollback(args)
+    if args.server_command == "inspect":
+        return run_inspect(args)
     credentials = mqtt_credentials(args)
     signing_key = signing_key_from_args(args)
     station = build_station(args, args.state_dir, args.broker, credentials, signing_key=signing_key,
@@ -468,6 +470,46 @@ def run_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=pathlib.Path, default=pathlib.Path("state/server"),
+                        help="the base station's state directory (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+
+
+def _format_ranges(ranges) -> str:
+    """Format half-open [start, end) ranges as inclusive 'a-b' spans."""
+    if not ranges:
+        return "none"
+    return ", ".join(f"{start}" if end == start + 1 else f"{start}-{end - 1}" for start, end in ranges)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Print each site's persisted buffer and the sequence numbers accepted per recorder."""
+    import json
+
+    from dawnchorus.server.journal import inspect_state
+
+    if not args.state_dir.is_dir():
+        raise ValueError(f"state directory {args.state_dir} does not exist: pass the base station's --state-dir")
+    sites = inspect_state(args.state_dir)
+    if args.json:
+        print(json.dumps({"state_dir": str(args.state_dir), "sites": sites}, indent=1))
+        return 0
+    if not sites:
+        print(f"{args.state_dir}: no site has persisted windows")
+    for site in sites:
+        capacity = site["buffer_capacity"] or "unknown until the first snapshot"
+        print(f"site {site['site']}: {site['buffer_windows']} windows in the buffer (capacity {capacity}), "
+              f"{site['pending_windows']} since the last round, {site['rounds']} rounds, "
+              f"{site['journal_windows']} in the journal after the snapshot")
+        for device, entry in site["devices"].items():
+            print(f"  {device}: buffer {entry['buffer_windows']} windows ({_format_ranges(entry['buffer_ranges'])}), "
+                  f"{entry['buffer_duplicates']} duplicated; accepted {entry['accepted_windows']} "
+                  f"({_format_ranges(entry['accepted_ranges'])}); missing between them: "
+                  f"{_format_ranges(entry['gaps'])}")
+    return 0
+
+
 def run_keys(args: argparse.Namespace) -> int:
     from dawnchorus.protocol.signing import generate_key_files, key_id, load_public_key
 
@@ -518,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Publish a stored head version of a site again, signed, as a rollback. Recorders of the "
                     "site apply it although it is older than the head they run, and the base station "
                     "continues adapting from it."))
+    add_inspect_arguments(server.add_parser(
+        "inspect", help="show each site's persisted buffer and the sequence numbers accepted per recorder",
+        description="Read the base station's snapshots and ingest journal under --state-dir and print, per site, "
+                    "the windows that a restart would load into the buffer and, per recorder, the sequence numbers "
+                    "in the buffer, those accepted and the gaps between them. It needs no model and can run "
+                    "while the base station runs."))
 
     keys = commands.add_parser("keys", help="head signing keys").add_subparsers(dest="keys_command", required=True)
     generate = keys.add_parser(

@@ -238,10 +238,11 @@ class SiteAdapter:
         self.trainer.set_state(state)
         self._accepted_state = self.trainer.get_state()
 
-    def add(self, embeddings: np.ndarray) -> None:
-        """Add new embeddings [n, 1024] to the buffer."""
-        self.buffer.add(np.asarray(embeddings, dtype=np.float32))
+    def add(self, embeddings: np.ndarray) -> np.ndarray:
+        """Add new embeddings [n, 1024] to the buffer and return their slots (see ``NeighbourBuffer.add``)."""
+        slots = self.buffer.add(np.asarray(embeddings, dtype=np.float32))
         self.pending += len(embeddings)
+        return slots
 
     def round_due(self, flush: bool = False) -> bool:
         """Return whether enough new embeddings arrived for a round (or any, with ``flush``)."""

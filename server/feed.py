@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import threading
 from typing import Callable
@@ -33,6 +34,12 @@ class DetectionFeed:
                 self._listener(detection)
             except Exception:  # a broken view must not stop ingestion
                 _LOGGER.exception("detection listener failed on a detection from %s", detection.device)
+
+    def sync(self) -> None:
+        """Flush the log and sync it to disk, so that every detection added so far survives a crash."""
+        with self._lock:
+            self._stream.flush()
+            os.fsync(self._stream.fileno())
 
     def close(self) -> None:
         with self._lock:

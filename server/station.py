@@ -1,10 +1,17 @@
 """The base station: ingests embeddings, adapts each site's head, publishes heads.
 
-paho's network thread only parses topics and queues messages. One worker
-thread owns the sites (buffers, trainers) and does all decoding, adaptation
-and publishing, so no lock guards the adaptation state. Sites can be split
-across several base-station processes, and each owns the sites that a
-stable hash of the site id assigns to its shard.
+paho's network thread only queues messages. One worker thread owns the
+sites (buffers, trainers) and does all decoding, adaptation and publishing,
+so no lock guards the adaptation state. Sites can be split across several
+base-station processes, and each owns the sites that a stable hash of the
+site id assigns to its shard.
+
+Nothing acknowledged is lost: the station subscribes in a persistent
+session and acknowledges each QoS 1 message itself (paho's ``manual_ack``),
+only after the windows it carried are committed to the journal
+(``server/journal.py``). A message that was not acknowledged when the
+station stopped or crashed is delivered again by the broker, and the
+(device, sequence number) filter drops the windows already accepted.
 """
 
 from __future__ import annotations
@@ -12,10 +19,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import pathlib
 import queue
+import sqlite3
 import threading
 import time
+import zipfile
 import zlib
 from typing import Callable
 
@@ -29,6 +39,7 @@ from dawnchorus.protocol import topics
 from dawnchorus.protocol.embeddings import (
     MAX_PAYLOAD_BYTES,
     REASON_DIM,
+    REASON_FIELD,
     REASON_IDS,
     REASON_TOO_LARGE,
     REASON_TOPIC,
@@ -48,6 +59,9 @@ from dawnchorus.protocol.rejections import RejectionCounter
 from dawnchorus.protocol.tls import TlsSettings
 from dawnchorus.server.adaptation import AdaptationConfig, RoundResult, SiteAdapter
 from dawnchorus.server.feed import DetectionFeed
+from dawnchorus.server.ingest import SiteIngest
+from dawnchorus.server.journal import (JOURNAL_FILE, SNAPSHOT_FILE, IngestJournal, read_snapshot, snapshot_path,
+                                       write_snapshot)
 from dawnchorus.server.publication import HeadPublisher
 from dawnchorus.server.registry import HeadRegistry
 
@@ -78,35 +92,36 @@ class Shard:
         return zlib.crc32(site.encode()) % self.count == self.index - 1
 
 
-class SequenceFilter:
-    """Record of the sequence numbers accepted from each device.
+# Messages handled, committed to the journal in one transaction and then
+# acknowledged, at most. Larger groups need fewer disk syncs. The broker
+# sends at most max_inflight_messages unacknowledged messages (100 in
+# deploy/mosquitto/dawnchorus.conf), so a larger group would rarely fill.
+GROUP_MESSAGES = 64
 
-    Per device, every number below ``floor`` was seen, and a set holds the
-    numbers seen above it. The set shrinks as the floor advances, so memory
-    stays small when numbers arrive roughly in order.
+# Seconds between retries of a journal commit that failed, for example on a
+# full disk. Nothing of the group is acknowledged meanwhile, so the broker
+# keeps it.
+COMMIT_RETRY_S = 5.0
+
+# The journal stores sequence numbers as SQLite's signed 64-bit integers.
+MAX_SEQUENCE = 2**63 - 1
+
+
+@dataclasses.dataclass
+class _Received:
+    """A message as paho delivered it, with what the worker needs to acknowledge it.
+
+    Attributes:
+        connection: the number of the connection that delivered it; an
+            acknowledgement is only sent on that connection.
+        mid, qos: the MQTT packet id and QoS, for ``Client.ack``.
     """
 
-    def __init__(self):
-        self._floor: dict[str, int] = collections.defaultdict(int)
-        self._above: dict[str, set[int]] = collections.defaultdict(set)
-
-    def is_new(self, device: str, sequence: int) -> bool:
-        return sequence >= self._floor[device] and sequence not in self._above[device]
-
-    def add(self, device: str, sequence: int) -> None:
-        above = self._above[device]
-        above.add(sequence)
-        floor = self._floor[device]
-        while floor in above:
-            above.discard(floor)
-            floor += 1
-        self._floor[device] = floor
-        # A crashed recorder skips a block of numbers, which would keep the set
-        # growing. Past 100,000 entries the floor jumps to the smallest one, so a
-        # number in the skipped gap that still arrives later counts as a duplicate.
-        if len(above) > 100_000:
-            self._floor[device] = min(above)
-            self.add(device, min(above))
+    connection: int
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
 
 
 @dataclasses.dataclass
@@ -117,7 +132,7 @@ class StationConfig:
         broker_host, broker_port: the MQTT broker.
         username, password: MQTT credentials, or None for an anonymous connection.
         tls: CA, client certificate and key for a TLS connection, or None for plain MQTT.
-        state_dir: the head registry, acks and the detection log.
+        state_dir: the head registry, acks, the detection log, the ingest journal and site snapshots.
         shard: which sites this process owns.
         adaptation: streaming NOTELA settings.
         client_id: MQTT client id; unique per process. It also names the process's stats topic.
@@ -177,6 +192,10 @@ class BaseStation:
         self.registry = HeadRegistry(config.state_dir)
         self.feed = DetectionFeed(pathlib.Path(config.state_dir) / "detections.jsonl", on_detection)
         self.sites: dict[str, SiteAdapter] = {}
+        self._ingests: dict[str, SiteIngest] = {}
+        self._journal = IngestJournal(pathlib.Path(config.state_dir) / JOURNAL_FILE)
+        # The newest journal row id committed; every window up to it is in the sites' buffers.
+        self._committed_id = self._journal.last_id()
         self.views: dict[str, SiteView] = collections.defaultdict(SiteView)
         self.recorders: dict[str, Status] = {}
         self.acks: dict[str, Ack] = {}
@@ -186,8 +205,11 @@ class BaseStation:
         self._stats_topic = topics.station_stats_topic(config.client_id)
         self._stats_published: tuple[dict[str, int], dict[str, int]] | None = None
         self._stats_time = 0.0
-        self._seen = SequenceFilter()
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue[_Received] = queue.Queue()
+        self._busy = False
+        self._snapshot_due: set[str] = set()
+        # Incremented on every connection; messages from an earlier one are not acknowledged.
+        self._connection = 0
         self._stop = threading.Event()
         self._flush_requested = threading.Event()
         self.flush_done = threading.Event()
@@ -204,8 +226,10 @@ class BaseStation:
     def _make_client(self) -> mqtt.Client:
         # A persistent session: the broker queues recorders' QoS 1 messages while the
         # station is down and delivers them when it reconnects with the same client id.
+        # With manual_ack, paho does not acknowledge a message when on_message
+        # returns; the worker does, once the message's windows are committed.
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.config.client_id,
-                             clean_session=False)
+                             clean_session=False, manual_ack=True)
         if self.config.username is not None:
             client.username_pw_set(self.config.username, self.config.password)
         if self.config.tls is not None:
@@ -221,6 +245,7 @@ class BaseStation:
         if reason_code.is_failure:
             _LOGGER.error("base station: broker refused the connection: %s", reason_code)
             return
+        self._connection += 1
         result, self._subscribe_mid = client.subscribe(
             [(topics.device_wildcard(kind), 1) for kind in topics.DEVICE_KINDS])
         if result != mqtt.MQTT_ERR_SUCCESS:
@@ -245,21 +270,9 @@ class BaseStation:
             _LOGGER.warning("base station disconnected (%s); paho reconnects with backoff", reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
-        try:
-            parsed = topics.parse_device_topic(message.topic)
-        except topics.TopicError as error:
-            self._reject(message.topic, "?", "unknown", PayloadError(str(error), REASON_TOPIC))
-            return
-        if not self.config.shard.owns(parsed.site):
-            return
-        # Checked here, in paho's thread, so that an oversized message is never copied or queued.
-        limit = MAX_PAYLOAD_BYTES if parsed.kind == "embeddings" else MAX_JSON_BYTES
-        if len(message.payload) > limit:
-            self._reject(message.topic, parsed.device, parsed.kind, PayloadError(
-                f"{len(message.payload)} bytes exceed the {limit}-byte limit of {parsed.kind} messages",
-                REASON_TOO_LARGE))
-            return
-        self._queue.put((parsed, bytes(message.payload)))
+        # Every message goes through the worker, which acknowledges them in the order they arrived.
+        self._queue.put(_Received(self._connection, message.mid, message.qos, message.topic,
+                                  bytes(message.payload)))
 
     def _reject(self, topic: str, device: str, kind: str, error: PayloadError) -> None:
         """Count and log a rejected message. Both paho's thread and the worker call it."""
@@ -290,10 +303,32 @@ class BaseStation:
                      self.config.adaptation.buffer_capacity, self.config.adaptation.update_interval)
         return adapter
 
-    def _handle(self, parsed: topics.DeviceTopic, payload: bytes) -> None:
+    def _ingest(self, site: str) -> SiteIngest:
+        ingest = self._ingests.get(site)
+        if ingest is None:
+            ingest = SiteIngest(site, self._site(site))
+            self._ingests[site] = ingest
+        return ingest
+
+    def _handle(self, received: _Received, staged: list[tuple[str, str, int, bytes]]) -> None:
+        """Decode and apply one message; accepted windows are added to ``staged`` for the journal."""
+        try:
+            parsed = topics.parse_device_topic(received.topic)
+        except topics.TopicError as error:
+            self._reject(received.topic, "?", "unknown", PayloadError(str(error), REASON_TOPIC))
+            return
+        if not self.config.shard.owns(parsed.site):
+            return
+        payload = received.payload
+        # The broker's max_packet_size bounds what reaches this point; the decoders never see more than the limit.
+        limit = MAX_PAYLOAD_BYTES if parsed.kind == "embeddings" else MAX_JSON_BYTES
+        if len(payload) > limit:
+            self._reject(received.topic, parsed.device, parsed.kind, PayloadError(
+                f"{len(payload)} bytes exceed the {limit}-byte limit of {parsed.kind} messages", REASON_TOO_LARGE))
+            return
         try:
             if parsed.kind == "embeddings":
-                self._ingest_embeddings(parsed, payload)
+                self._ingest_embeddings(parsed, payload, staged)
             elif parsed.kind == "detections":
                 for detection in decode_detections(payload):
                     self.feed.add(detection)
@@ -303,10 +338,10 @@ class BaseStation:
             elif parsed.kind == "ack":
                 self._record_ack(parsed, Ack.decode(payload))
         except PayloadError as error:
-            topic = topics.device_topic(parsed.site, parsed.device, parsed.kind)
-            self._reject(topic, parsed.device, parsed.kind, error)
+            self._reject(received.topic, parsed.device, parsed.kind, error)
 
-    def _ingest_embeddings(self, parsed: topics.DeviceTopic, payload: bytes) -> None:
+    def _ingest_embeddings(self, parsed: topics.DeviceTopic, payload: bytes,
+                           staged: list[tuple[str, str, int, bytes]]) -> None:
         batch = decode_embeddings(payload)
         if batch.device != parsed.device or batch.site != parsed.site:
             raise PayloadError(f"header names device {batch.device} of site {batch.site}, "
@@ -315,14 +350,19 @@ class BaseStation:
         if batch.embeddings.shape[1] != dim:
             raise PayloadError(f"embeddings have {batch.embeddings.shape[1]} dimensions, the model's have {dim}",
                                REASON_DIM)
-        fresh = [i for i, seq in enumerate(batch.sequence.tolist()) if self._seen.is_new(batch.device, seq)]
+        if int(batch.sequence.max()) > MAX_SEQUENCE:
+            raise PayloadError(f"sequence number {int(batch.sequence.max())} is above {MAX_SEQUENCE}, "
+                               "the largest that the journal stores", REASON_FIELD)
+        ingest = self._ingest(batch.site)
+        fresh = ingest.new_rows(batch.device, batch.sequence.tolist())
         self.counters["embeddings_duplicate"] += len(batch) - len(fresh)
         if not fresh:
             return
-        adapter = self._site(batch.site)
-        adapter.add(batch.embeddings[fresh].astype(np.float32))
-        for i in fresh:
-            self._seen.add(batch.device, int(batch.sequence[i]))
+        sequences = batch.sequence[fresh]
+        vectors = np.ascontiguousarray(batch.embeddings[fresh], dtype="<f2")
+        ingest.add([batch.device] * len(fresh), sequences, vectors)
+        staged.extend((batch.site, batch.device, sequence, vectors[row].tobytes())
+                      for row, sequence in enumerate(sequences.tolist()))
         self.counters["embeddings"] += len(fresh)
         self.views[batch.site].embeddings += len(fresh)
 
@@ -350,6 +390,7 @@ class BaseStation:
                 # The buffer keeps its embeddings, so the next round retries with them.
                 self.counters["rounds_failed"] += 1
                 _LOGGER.exception("site %s: adaptation round failed; the current head stays published", site)
+            self._snapshot_due.add(site)
 
     def _follow_rollback(self, site: str, adapter: SiteAdapter) -> None:
         """Adopt a manifest that another process published for ``site``.
@@ -459,24 +500,159 @@ class BaseStation:
             except (RuntimeError, ValueError) as error:
                 _LOGGER.warning("base station: the final stats were not delivered: %s", error)
 
+    # Persistence -----------------------------------------------------------
+
+    def _restore_sites(self) -> None:
+        """Load every site of this shard that has a snapshot or journal rows under the state directory."""
+        sites = set(self._journal.sites())
+        sites_dir = pathlib.Path(self.config.state_dir) / "sites"
+        if sites_dir.is_dir():
+            sites.update(path.parent.name for path in sites_dir.glob(f"*/{SNAPSHOT_FILE}"))
+        for site in sorted(sites):
+            if not self.config.shard.owns(site):
+                _LOGGER.warning("site %s has persisted windows in %s but belongs to another shard; left as it is",
+                                site, self.config.state_dir)
+                continue
+            self._restore_site(site)
+
+    def _restore_site(self, site: str) -> None:
+        ingest = self._ingest(site)
+        path = snapshot_path(self.config.state_dir, site)
+        try:
+            arrays = read_snapshot(path)
+            if arrays is not None:
+                ingest.restore(arrays)
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as error:
+            rejected = path.with_name(f"{path.name}.rejected-{int(time.time())}")
+            os.replace(path, rejected)
+            self.counters["snapshots_rejected"] += 1
+            _LOGGER.error("site %s: the snapshot %s cannot be loaded (%s); it was moved to %s, and the site "
+                          "starts from the journal rows alone", site, path, error, rejected)
+            self._ingests.pop(site)
+            self.sites.pop(site)
+            ingest = self._ingest(site)
+        # Ids below a snapshot's must never be given out again, even if the journal file was replaced.
+        self._journal.reserve_ids_through(ingest.journal_id)
+        self._committed_id = max(self._committed_id, ingest.journal_id)
+
+        replayed = 0
+        for rows in self._journal.rows(site, ingest.journal_id):
+            ingest.add(rows.devices, rows.sequences, rows.embeddings)
+            replayed += len(rows)
+        ingest.unsaved = replayed
+        size = ingest.adapter.buffer.size
+        _LOGGER.info("site %s restored: %d windows in the buffer (%d from the journal), %d since the last round, "
+                     "%d devices", site, size, replayed, ingest.adapter.pending, len(ingest.filter.devices()))
+
+    def _commit(self, staged: list[tuple[str, str, int, bytes]]) -> bool:
+        """Commit the group's windows and detections to disk; retry until done or the station stops.
+
+        Returns whether they were committed, and so may be acknowledged.
+        """
+        while True:
+            try:
+                if staged:
+                    self._committed_id = self._journal.append(staged)
+                self.feed.sync()
+                return True
+            except (sqlite3.Error, OSError) as error:
+                self.counters["journal_errors"] += 1
+                _LOGGER.error("base station: committing %d windows to %s failed (%s); the group's messages stay "
+                              "unacknowledged, retrying in %.0f s", len(staged), self._journal.path, error,
+                              COMMIT_RETRY_S)
+            if self._stop.wait(COMMIT_RETRY_S):
+                return False
+
+    def _acknowledge(self, group: list[_Received]) -> None:
+        """Send the PUBACK of every QoS 1 message in ``group``, in the order they arrived.
+
+        A message from an earlier connection is not acknowledged: the broker
+        sends it again on the new connection, with the same packet id, and
+        that copy, dropped as a duplicate, is acknowledged instead.
+        """
+        for received in group:
+            if received.qos == 0:
+                continue
+            if received.connection != self._connection:
+                self.counters["acks_left_to_redelivery"] += 1
+                continue
+            result = self._client.ack(received.mid, received.qos)
+            if result != mqtt.MQTT_ERR_SUCCESS:
+                _LOGGER.warning("base station: acknowledging message %d on %s failed (%s); the broker sends it "
+                                "again", received.mid, received.topic, mqtt.error_string(result))
+
+    def _save_snapshots(self, every_site: bool = False) -> None:
+        """Snapshot each site after a round, after ``update_interval`` new windows, or (``every_site``) at all."""
+        interval = self.config.adaptation.update_interval
+        for site, ingest in self._ingests.items():
+            due = site in self._snapshot_due or ingest.unsaved >= interval or (every_site and ingest.unsaved)
+            if due:
+                self._save_snapshot(site, ingest)
+
+    def _save_snapshot(self, site: str, ingest: SiteIngest) -> None:
+        ingest.journal_id = self._committed_id
+        path = snapshot_path(self.config.state_dir, site)
+        try:
+            write_snapshot(path, ingest.state())
+            self._journal.discard_through(site, ingest.journal_id)
+        except (OSError, sqlite3.Error) as error:
+            self.counters["snapshot_errors"] += 1
+            _LOGGER.error("site %s: writing the snapshot %s failed (%s); its windows stay in the journal",
+                          site, path, error)
+            return
+        self._snapshot_due.discard(site)
+        _LOGGER.debug("site %s: snapshot of %d windows written, journal rows through %d discarded", site,
+                      ingest.unsaved, ingest.journal_id)
+        ingest.unsaved = 0
+
+    # Worker ------------------------------------------------------------------
+
+    def _take_group(self) -> list[_Received]:
+        try:
+            first = self._queue.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        self._busy = True
+        group = [first]
+        while len(group) < GROUP_MESSAGES:
+            try:
+                group.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return group
+
     def _work(self) -> None:
+        # Restored sites may have a round due. It runs once the station is
+        # connected, so that a head it publishes reaches the broker at once.
+        rounds_after_restore = True
         while not self._stop.is_set():
             self._publish_stats()
-            try:
-                parsed, payload = self._queue.get(timeout=0.2)
-            except queue.Empty:
+            group = self._take_group()
+            if not group:
+                if rounds_after_restore and self.connected.is_set():
+                    rounds_after_restore = False
+                    self._run_rounds()
+                    self._save_snapshots()
                 if self._flush_requested.is_set():
                     self._flush_requested.clear()
                     self._run_rounds(flush=True)
+                    self._save_snapshots()
                     self.flush_done.set()
                 continue
-            try:
-                self._handle(parsed, payload)
-            except Exception:
-                self.counters["ingest_errors"] += 1
-                _LOGGER.exception("base station failed on a %s message from device %s of site %s",
-                                  parsed.kind, parsed.device, parsed.site)
-            self._run_rounds()
+            staged: list[tuple[str, str, int, bytes]] = []
+            for received in group:
+                try:
+                    self._handle(received, staged)
+                except Exception:
+                    self.counters["ingest_errors"] += 1
+                    _LOGGER.exception("base station failed on a message on %s", received.topic)
+                # Rounds come after every message, as the windows arrive, however the messages were grouped.
+                self._run_rounds()
+            if self._commit(staged):
+                self._acknowledge(group)
+            self._busy = False
+            # Only now, with the group committed, may a snapshot cover its windows.
+            self._save_snapshots()
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -491,6 +667,7 @@ class BaseStation:
 
     def start(self) -> None:
         _LOGGER.info("base station starting: state in %s", self.config.state_dir)
+        self._restore_sites()
         self._client.connect_async(self.config.broker_host, self.config.broker_port, keepalive=30)
         self._client.loop_start()
         self._worker = threading.Thread(target=self._work, name="base-station-worker", daemon=True)
@@ -503,10 +680,14 @@ class BaseStation:
         self._publish_stats(force=True)
         self._client.disconnect()
         self._client.loop_stop()
+        if self._worker is None or not self._worker.is_alive():
+            self._save_snapshots(every_site=True)
+            self._journal.close()
         self.feed.close()
         stats = self.stats()
         _LOGGER.info("base station stopped: counters %s, rejected messages by kind and reason %s",
                      stats.counters, stats.rejected)
 
     def idle(self) -> bool:
-        return self._queue.empty()
+        """Return whether every received message has been handled."""
+        return self._queue.empty() and not self._busy

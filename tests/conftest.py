@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Callable
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -58,37 +59,49 @@ def _wait_for_port(port: int, timeout: float) -> bool:
 
 
 class Mosquitto:
-    """A Mosquitto process on a free loopback port, with queue limits raised as in deploy/.
+    """A Mosquitto process on a loopback port, with queue limits raised as in deploy/.
 
-    ``extra_config`` is appended to the configuration. ``kill`` and ``start``
-    stop and restart the broker on the same port, for fault tests.
+    ``kill`` and ``start`` stop and restart the broker on the same port, for fault tests.
+
+    Args:
+        directory: the folder for the configuration file and the log.
+        extra_config: lines appended to the default configuration.
+        config: returns the whole configuration text for a port, in place of
+            the default anonymous listener without persistence.
+        port: the port to listen on, e.g. to restart a broker; a free one by default.
     """
 
-    def __init__(self, directory: pathlib.Path, extra_config: str = ""):
+    def __init__(self, directory: pathlib.Path, extra_config: str = "",
+                 config: Callable[[int], str] | None = None, port: int | None = None):
         self._binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not os.path.exists(self._binary):
             pytest.fail("mosquitto is not installed: run .ci/run, or apt-get install mosquitto")
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.host = "127.0.0.1"
         self.directory = directory
         self.log_path = directory / "mosquitto.log"
         self._config = directory / "mosquitto.conf"
         self._extra_config = extra_config
+        self._config_text = config
         self._log = None
         self._process: subprocess.Popen | None = None
         self.start()
 
     def start(self, override: str = "") -> None:
         """Start the broker, with the configuration lines in ``override`` added for this run only."""
+        if self._config_text is not None:
+            text = self._config_text(self.port)
+        else:
+            text = (
+                f"listener {self.port} 127.0.0.1\n"
+                "allow_anonymous true\n"
+                "persistence false\n"
+                "max_queued_messages 100000\n"
+                "max_inflight_messages 0\n"
+                + self._extra_config
+            )
         # Later lines override earlier ones in a Mosquitto configuration.
-        self._config.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            "max_queued_messages 100000\n"
-            "max_inflight_messages 0\n"
-            + self._extra_config + override
-        )
+        self._config.write_text(text + override)
         self._log = open(self.log_path, "a")
         self._process = subprocess.Popen([self._binary, "-c", str(self._config)], stdout=self._log,
                                          stderr=subprocess.STDOUT)
@@ -110,10 +123,30 @@ class Mosquitto:
         if self._process.poll() is None:
             self._process.terminate()
             try:
-                self._process.wait(timeout=10)
+                self._process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self._process.kill()
         self._log.close()
+
+
+@pytest.fixture()
+def start_mosquitto(tmp_path):
+    """Start brokers of the test's own, each in its own folder under tmp_path; all stop at teardown.
+
+    Call it with a folder name, and optionally ``config`` and ``port`` as ``Mosquitto`` takes them.
+    """
+    started: list[Mosquitto] = []
+
+    def start(name: str, config: Callable[[int], str] | None = None, port: int | None = None) -> Mosquitto:
+        directory = tmp_path / name
+        directory.mkdir(exist_ok=True)
+        broker = Mosquitto(directory, config=config, port=port)
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop()
 
 
 @pytest.fixture(scope="session")
@@ -264,3 +297,17 @@ def persistent_mosquitto(tmp_path) -> Mosquitto:
         f"user {pwd.getpwuid(os.getuid()).pw_name}\n"))
     yield broker
     broker.stop()
+
+
+@pytest.fixture()
+def observe():
+    """Start an ``MqttObserver`` on a given broker; it closes at teardown."""
+    watchers: list[MqttObserver] = []
+
+    def start(broker: Mosquitto) -> MqttObserver:
+        watchers.append(MqttObserver(broker))
+        return watchers[-1]
+
+    yield start
+    for watcher in watchers:
+        watcher.close()

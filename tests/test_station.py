@@ -22,7 +22,7 @@ from dawnchorus.protocol.rejections import LOG_BURST
 from dawnchorus.server.adaptation import AdaptationConfig, check_collapse
 from dawnchorus.server.publication import HeadPublisher, load_rollback, publish_rollback
 from dawnchorus.server.registry import HeadRegistry, Publication
-from dawnchorus.server.station import BaseStation, SequenceFilter, Shard, StationConfig
+from dawnchorus.server.station import BaseStation, Shard, StationConfig
 
 LABELS = ["Poecile atricapillus_Black-capped Chickadee", "Baeolophus bicolor_Tufted Titmouse",
           "Haemorhous mexicanus_House Finch", "Cardinalis cardinalis_Northern Cardinal"]
@@ -234,17 +234,6 @@ def test_shard_parse_rejects_invalid():
         Shard.parse("two")
     with pytest.raises(ValueError):
         Shard.parse("5/4")
-
-
-def test_sequence_filter_out_of_order():
-    seen = SequenceFilter()
-    for number in (0, 2, 1, 5):
-        assert seen.is_new("rec", number)
-        seen.add("rec", number)
-    assert not seen.is_new("rec", 1)
-    assert not seen.is_new("rec", 5)
-    assert seen.is_new("rec", 3)
-    assert seen.is_new("other", 0)
 
 
 def test_collapse_guard_blocks_low_scores():
