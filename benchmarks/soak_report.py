@@ -46,7 +46,8 @@ def summarize_memory(samples: list[tuple[float, str, int, int, float]], roles: l
         best = None
         for pid, series in incarnations.items():
             steady = [point for point in series if point[0] >= series[0][0] + warmup_s]
-            if len(steady) >= 2 and (best is None or steady[-1][0] - steady[0][0] > best[1][-1][0] - best[1][0][0]):
+            span = steady[-1][0] - steady[0][0] if steady else 0.0
+            if len(steady) >= 3 and span > 0 and (best is None or span > best[1][-1][0] - best[1][0][0]):
                 best = (pid, steady)
         entry = {
             "incarnations": len(incarnations),
