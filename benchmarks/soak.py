@@ -18,8 +18,8 @@ What runs, all on 127.0.0.1:
   recorder's own checks (signature, sha256, LiteRT load, probe outputs), and
   the recorder acknowledges them.
 - An audit subscriber in this process: a persistent MQTT session that records
-  every embedding window, manifest and ack that the broker delivers. It tells
-  a loss in the broker from one in the base station.
+  every embedding window, manifest and ack that the broker delivers, so that
+  a loss in the broker can be told apart from one in the base station.
 
 During the sending phase the script restarts the broker (SIGTERM by default,
 or SIGKILL with ``--broker-signal kill``) and SIGKILLs the base station, each
@@ -76,7 +76,7 @@ _LOGGER = logging.getLogger("soak")
 
 # (latitude, longitude, week) of each site's range-model species list, cycled
 # over the sites. The lists keep pushed heads at site size (a few hundred
-# classes, well under 1 MB) as in a deployment; 50 recorders with heads of all
+# classes, well under 1 MB) as in a deployment. 50 recorders with heads of all
 # 6522 classes would hold 50 interpreters of 13 MB each. In a trial run on
 # the shared soundscapes, heads for Seattle and Montreal passed the collapse
 # guard, and heads for Ithaca, Bend and Berkeley were all blocked, which would

@@ -3,8 +3,8 @@
 Windows are counted per recorder against its sequence counter: a recorder
 that allocated n numbers sent windows 0 to n - 1. The base station's
 accepted ranges and buffer duplicates come from ``dawnchorus server
-inspect --json``; the audit subscriber's deliveries tell a loss in the
-broker from one in the base station.
+inspect --json``. The audit subscriber's deliveries show whether a loss
+happened in the broker or in the base station.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def summarize_memory(samples: list[tuple[float, str, int, int, float]], roles: l
     first sample ``warmup_s`` after the incarnation's first sample to its
     last sample in the sending phase. The slope is a least-squares fit over
     the same samples. ``expected_growth`` gives, per role, the bytes that the
-    process is meant to add between two times (a buffer that fills); a role
-    is flat when its growth beyond that is at most ``flat_mib``.
+    process is meant to add between two times, such as a buffer that fills.
+    A role is flat when its growth beyond that is at most ``flat_mib``.
     """
     summary = {}
     for role in roles:

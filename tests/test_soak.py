@@ -1,8 +1,8 @@
 """The soak benchmark's own logic: adapting the deployed broker configuration and counting windows and memory.
 
-The soak itself runs for minutes (benchmarks/soak.py); these checks run in
-milliseconds and catch a deployed configuration that the soak could no longer
-adapt, and counting mistakes that would hide a loss.
+The soak itself runs for minutes (benchmarks/soak.py). These checks run in
+milliseconds. They catch a deployed configuration that the soak could no
+longer adapt, and counting mistakes that would hide a loss.
 """
 
 from __future__ import annotations
