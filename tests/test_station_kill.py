@@ -9,8 +9,10 @@ may be missing and none duplicated, and no head version may be published twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
+import sqlite3
 import subprocess
 import sys
 import time
@@ -37,9 +39,13 @@ def _wait(condition, timeout: float, interval: float = 0.3):
 
 
 def _sent(edge_state: pathlib.Path, device: str) -> int:
-    """Return how many sequence numbers the recorder has taken (its next free number)."""
-    path = edge_state / device / "next_sequence"
-    return int(path.read_text()) if path.is_file() else 0
+    """Return how many sequence numbers the recorder has taken (its next free number, kept in its outbox)."""
+    path = edge_state / device / "outbox.sqlite3"
+    if not path.is_file():
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as database:
+        row = database.execute("SELECT value FROM counters WHERE name = 'next_sequence'").fetchone()
+    return int(row[0]) if row else 0
 
 
 def _inspect(server_state: pathlib.Path) -> dict:
