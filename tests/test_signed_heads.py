@@ -229,6 +229,9 @@ def test_recorder_killed_during_swap_restarts_complete(programs, observer, mosqu
 
         log = f"recorder-{attempt}.log"
         recorder = start_recorder(log)
+        # The killed process may already have acknowledged this version, so the
+        # ack alone does not show that the new process has read its head store.
+        assert _wait(lambda: f"recorder {device} starting" in programs.log(log), 120), programs.log(log)[-3000:]
         assert acked(version), programs.log(log)[-3000:]
         restored = re.search(r"restored head v(\d+) of site", programs.log(log))
         assert restored is not None, f"attempt {attempt}: the recorder restarted on the source head"
