@@ -40,8 +40,8 @@ DIRECTIONS = ("down", "both")
 # 0.03). 0.01 caps the shift at 4.6 logits, so that a species that starts to
 # occur later is lowered by at most that much until its windows reach the buffer.
 PRIOR_STRENGTH = 0.01
-# The Beta prior is worth at least this many windows, so that EM on a small
-# buffer, where a class's absence is weak evidence, moves biases little: at 16
+# The Beta prior is worth at least this many windows. On a small buffer a
+# class's absence is weak evidence, so EM moves biases little there: at 16
 # windows a class that never occurs is lowered by about 1 logit.
 PRIOR_MIN_WINDOWS = 10.0
 
@@ -67,10 +67,10 @@ def estimate_priors(
 
     over the n windows: the maximum a posteriori estimate under a Beta prior
     worth ``max(strength * n, min_windows)`` pseudo-windows at the source
-    prior. Without it (strength and min_windows 0, the plain EM of the paper)
-    the prior of a class that never occurs falls towards 0 for as long as EM
-    runs, so its bias shift depends on the iteration count and grows without
-    bound. With it, the shift is at least ``log(strength / (1 + strength))``,
+    prior. Plain EM, as published, has strength and min_windows 0. There the
+    prior of a class that never occurs falls towards 0 for as long as EM
+    runs. Its bias shift then depends on the iteration count and grows
+    without bound. With it, the shift is at least ``log(strength / (1 + strength))``,
     whatever the number of windows: -4.6 logits at the default 0.01, and less
     on fewer than ``min_windows / strength`` windows. EM starts from q = s.
 

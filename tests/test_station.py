@@ -269,7 +269,7 @@ def test_collapse_guard_blocks_many_detections_per_window():
     assert check_collapse(source, two, config).accepted
 
 
-def test_collapse_guard_blocks_changed_top_class_on_confident_windows():
+def test_collapse_guard_blocks_changed_top_classes():
     config = AdaptationConfig(min_confident_windows=10)
     source = np.full((10, 3), -4.0)
     source[:, 0] = 2.0
