@@ -489,6 +489,8 @@ class Soak:
             argv += ["--site-species", f"{site}=@{self.species_files[site]}"]
         if self.args.update_interval is not None:
             argv += ["--update-interval", str(self.args.update_interval)]
+        if self.args.buffer is not None:
+            argv += ["--buffer", str(self.args.buffer)]
         self.station = ManagedProcess("base station", argv, self.work / "station.log")
         self.start_station()
 
@@ -631,6 +633,7 @@ class Soak:
             "command": " ".join(["python", *sys.argv]),
             "settings": {
                 "minutes": args.minutes, "sites": args.sites, "recorders_per_site": args.recorders_per_site,
+                "buffer": args.buffer,
                 "recorders": len(self.devices), "speed": args.speed, "hop_s": self.hop_s,
                 "windows_per_message": args.windows_per_message, "recorder_processes": args.recorder_processes,
                 "broker_signal": args.broker_signal, "warmup_s": self.warmup_s, "flat_mib": args.flat_mib,
@@ -648,7 +651,7 @@ class Soak:
         result.update(tally(self.devices, self.sent, self.drained, self.final, self.inspected, windows_delivered,
                             manifests, acks))
         buffer_growth = functools.partial(station_buffer_bytes, sites=len(self.sites), hop_s=self.hop_s,
-                                          recorders_per_site=args.recorders_per_site)
+                                          recorders_per_site=args.recorders_per_site, capacity=args.buffer)
         roles = [self.broker.role, self.station.role, *[worker.role for worker in self.workers]]
         result["memory"] = summarize_memory(self.sampler.samples, roles, self.phases_s["sending"], self.warmup_s,
                                             args.flat_mib, {self.station.role: buffer_growth})
@@ -699,6 +702,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--update-interval", type=int, default=None,
                         help="the base station's --update-interval: new windows per site between adaptation "
                              "rounds (default: the station's own default)")
+    parser.add_argument("--buffer", type=int, default=None,
+                        help="the base station's --buffer: windows kept per site. A small buffer fills within the "
+                             "run, so that the memory of a base station with full buffers can be measured "
+                             "(default: the station's own default)")
     parser.add_argument("--recorder-processes", type=int, default=1,
                         help="processes that share the simulated recorders (default 1)")
     parser.add_argument("--broker-restarts", type=minutes_list, default=None, metavar="MIN,MIN",

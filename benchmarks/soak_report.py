@@ -79,7 +79,8 @@ def summarize_memory(samples: list[tuple[float, str, int, int, float]], roles: l
     return summary
 
 
-def station_buffer_bytes(from_s: float, to_s: float, sites: int, hop_s: float, recorders_per_site: int) -> float:
+def station_buffer_bytes(from_s: float, to_s: float, sites: int, hop_s: float, recorders_per_site: int,
+                         capacity: int | None = None) -> float:
     """Estimate the bytes that the base station's neighbour buffers fill between two times of the sending phase.
 
     The buffer allocates its arrays for full capacity at once, and the
@@ -90,7 +91,7 @@ def station_buffer_bytes(from_s: float, to_s: float, sites: int, hop_s: float, r
     """
     from dawnchorus.server.adaptation import AdaptationConfig
 
-    capacity = AdaptationConfig().buffer_capacity
+    capacity = capacity or AdaptationConfig().buffer_capacity
     site_rate = recorders_per_site / hop_s
 
     def windows_by(time_s: float) -> float:

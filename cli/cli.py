@@ -198,8 +198,9 @@ def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
 
     queue = parser.add_argument_group("store and forward")
     queue.add_argument("--queue-max-mb", type=float, default=RecorderConfig.queue_max_bytes / 2**20, metavar="MIB",
-                       help="quota of the on-disk queue of messages not yet acknowledged by the broker, in MiB of "
-                            "payload; past it the oldest unsent messages are dropped and counted in the status "
+                       help="quota of the on-disk queue of messages not yet confirmed, in MiB of payload; past it "
+                            "the oldest messages that wait only for the base station's receipt are deleted first, "
+                            "then the oldest unsent ones, and both are counted in the status "
                             "(default %(default).0f; 0 for no limit)")
     queue.add_argument("--queue-max-entries", type=int, default=0, metavar="N",
                        help="quota of the queue in messages (default 0, no limit)")
@@ -212,6 +213,13 @@ def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
                        help="after --input ends (without --stay), wait this long for queued messages to be "
                             "acknowledged before exiting; the rest is sent after the next start "
                             "(default %(default)s)")
+    queue.add_argument("--no-receipts", dest="await_receipts", action="store_false",
+                       help="delete a queued embeddings message at the broker's acknowledgement instead of waiting "
+                            "for the base station's receipt; only for a recorder whose embeddings no dawnchorus "
+                            "base station receives, since a broker crash can then lose messages")
+    queue.add_argument("--receipt-timeout", type=float, default=RecorderConfig.receipt_timeout_s, metavar="SECONDS",
+                       help="with no receipt for this long while messages wait for one, send the oldest again as a "
+                            "probe (default %(default)s)")
     queue.add_argument("--clock-offset", type=float, default=0.0, metavar="SECONDS",
                        help="add this many seconds to every timestamp the recorder sends, for a recorder whose "
                             "clock is known to be off; sequence numbers, which order the data, are not affected")
@@ -252,7 +260,8 @@ def run_edge(args: argparse.Namespace) -> int:
         queue_max_bytes=_queue_quota_bytes(args.queue_max_mb),
         queue_max_entries=_queue_quota_entries(args.queue_max_entries),
         reconnect_min_delay_s=args.reconnect_min_delay, reconnect_max_delay_s=args.reconnect_max_delay,
-        drain_timeout_s=args.drain_timeout, clock_offset_s=args.clock_offset,
+        drain_timeout_s=args.drain_timeout, await_receipts=args.await_receipts,
+        receipt_timeout_s=args.receipt_timeout, clock_offset_s=args.clock_offset,
     )
 
     if args.input:

@@ -40,6 +40,8 @@ umask 077
 readonly TOPIC_ROOT="dawnchorus/v1"
 readonly MODEL_SEGMENT="model"
 readonly DEVICE_KINDS=(embeddings detections status ack)
+# What the base station publishes to one recorder: receipts of committed embeddings.
+readonly RECEIPT_KIND="receipt"
 
 # Certificates of unattended devices: long enough to outlast a field season
 # (820 days, about 27 months), short enough that a lost recorder's key expires.
@@ -142,19 +144,23 @@ write_acl() {
         echo "# Written by deploy/make-credentials.sh from $dir/recorders.tsv; rerun it instead of editing."
         echo "# User names are the CN of each client certificate (use_identity_as_username)."
         echo
-        echo "# The base station reads every recorder's topics and alone writes heads and manifests."
+        echo "# The base station reads every recorder's topics, alone writes heads and manifests,"
+        echo "# and alone writes the receipts that let recorders delete what it has committed."
         echo "user $base_station"
         for kind in "${DEVICE_KINDS[@]}"; do
             echo "topic read $TOPIC_ROOT/+/+/$kind"
         done
+        echo "topic write $TOPIC_ROOT/+/+/$RECEIPT_KIND"
         echo "topic readwrite $TOPIC_ROOT/+/$MODEL_SEGMENT/#"
         while read -r site device; do
             echo
-            echo "# Recorder $device of site $site: writes only its own topics, reads only its site's heads."
+            echo "# Recorder $device of site $site: writes only its own topics, reads only its site's heads"
+            echo "# and its own receipts."
             echo "user $device"
             for kind in "${DEVICE_KINDS[@]}"; do
                 echo "topic write $TOPIC_ROOT/$site/$device/$kind"
             done
+            echo "topic read $TOPIC_ROOT/$site/$device/$RECEIPT_KIND"
             echo "topic read $TOPIC_ROOT/$site/$MODEL_SEGMENT/manifest"
             echo "topic read $TOPIC_ROOT/$site/$MODEL_SEGMENT/blob/+"
         done <"$dir/recorders.tsv"

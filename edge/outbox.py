@@ -1,20 +1,26 @@
 """The recorder's store-and-forward queue: a bounded outbox in SQLite.
 
 Every embeddings batch and detections message is committed here before it
-is published, and an entry is deleted only once the broker has acknowledged
-its QoS 1 publish. The queue therefore survives a broker outage and a
-recorder restart, SIGKILL included, and it is drained in the order in which
-entries were queued.
+is published. A detections message is deleted once the broker has
+acknowledged its QoS 1 publish. An embeddings message is deleted only once
+the base station's receipt says that its windows are on the station's disk
+(see uplink.py): a broker can crash after its PUBACK and lose the message.
+The queue therefore survives a broker outage or crash and a recorder
+restart, SIGKILL included, and it is drained in the order in which entries
+were queued.
 
 The same database stores the per-device sequence counter. The counter is
 committed before its numbers are used, in the same write-ahead log as the
 entries that carry them. So after a crash or a power cut the counter is never
 behind a queued or published number, and a number is never reused.
 
-When the queue exceeds its quota, the oldest entries that have not been
-handed to the MQTT client yet are deleted. The number of dropped entries,
-and of the embedding windows they held, is stored with the queue and
-reported in the recorder's status.
+When the queue exceeds its quota, entries that the broker has acknowledged
+but the base station has not confirmed go first, oldest first: the broker
+still holds them, so deleting them loses nothing unless the broker crashes
+too. They are counted as released. Then the oldest entries that have not
+been handed to the MQTT client yet are deleted and counted as dropped. Both
+counts, and the embedding windows of those entries, are stored with the
+queue and reported in the recorder's status.
 """
 
 from __future__ import annotations
@@ -81,12 +87,17 @@ class OutboxStats:
         dropped: entries deleted unsent because the quota was reached or the
             disk was full, since the database was created.
         dropped_windows: embedding windows in those entries.
+        released: entries that the broker had acknowledged, deleted before
+            the base station confirmed them because the quota was reached.
+        released_windows: embedding windows in those entries.
     """
 
     depth: int
     bytes: int
     dropped: int
     dropped_windows: int
+    released: int = 0
+    released_windows: int = 0
 
 
 class Outbox:
@@ -117,6 +128,11 @@ class Outbox:
         self._lock = threading.Lock()
         # Entries with an id below the cursor were handed to the MQTT client and wait for their PUBACK.
         self._cursor = 0
+        # Entries that the broker acknowledged and that wait for the base station's receipt, in id order,
+        # with their payload size and windows. Kept in memory: after a restart every entry is sent again.
+        self._delivered: dict[int, tuple[int, int]] = {}
+        # Ids deleted from _delivered by the quota since the last ``released_ids`` call.
+        self._released_ids: list[int] = []
 
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -211,6 +227,9 @@ class Outbox:
         excess_bytes = 0 if self.max_bytes is None else self._bytes + incoming_bytes - self.max_bytes
         if excess_entries <= 0 and excess_bytes <= 0:
             return
+        excess_entries, excess_bytes = self._release_delivered(excess_entries, excess_bytes)
+        if excess_entries <= 0 and excess_bytes <= 0:
+            return
         victims = []
         freed_bytes = 0
         rows = self._db.execute(
@@ -223,6 +242,31 @@ class Outbox:
             freed_bytes += row[1]
         if victims:
             self._delete_as_dropped(victims, "the queue quota was reached")
+
+    def _release_delivered(self, excess_entries: int, excess_bytes: int) -> tuple[int, int]:
+        """Delete the oldest entries that wait for a receipt, inside the caller's transaction; return what is still in excess."""
+        released = []
+        for entry_id, (size, windows) in self._delivered.items():
+            if excess_entries <= 0 and excess_bytes <= 0:
+                break
+            released.append((entry_id, size, windows))
+            excess_entries -= 1
+            excess_bytes -= size
+        if not released:
+            return excess_entries, excess_bytes
+        self._db.executemany("DELETE FROM entries WHERE id = ?", [(row[0],) for row in released])
+        windows = sum(row[2] for row in released)
+        self._set_counter("released", self._counter("released") + len(released))
+        self._set_counter("released_windows", self._counter("released_windows") + windows)
+        for entry_id, size, _ in released:
+            del self._delivered[entry_id]
+            self._released_ids.append(entry_id)
+            self._depth -= 1
+            self._bytes -= size
+        _LOGGER.warning("outbox %s: the queue quota was reached, deleted the %d oldest messages that the broker "
+                        "holds but the base station has not confirmed yet (%d embedding windows)", self.path,
+                        len(released), windows)
+        return excess_entries, excess_bytes
 
     def _free_space_by_eviction(self) -> bool:
         """Drop the oldest tenth of the unsent entries after SQLite reported a full disk."""
@@ -286,6 +330,30 @@ class Outbox:
         with self._lock:
             self._cursor = min(self._cursor, entry_id)
 
+    def get(self, entry_id: int) -> OutboxEntry | None:
+        """Return a queued entry, or None if it was deleted (confirmed, or released by the quota)."""
+        with self._lock:
+            row = self._db.execute("SELECT id, topic, payload, windows, first_sequence FROM entries WHERE id = ?",
+                                   (entry_id,)).fetchone()
+        return None if row is None else OutboxEntry(row[0], row[1], bytes(row[2]), row[3], row[4])
+
+    def mark_delivered(self, entries: list[OutboxEntry]) -> None:
+        """Record that the broker acknowledged ``entries``, which stay queued until ``remove``.
+
+        The quota deletes such entries before any unsent one.
+        """
+        with self._lock:
+            for entry in entries:
+                self._delivered[entry.id] = (len(entry.payload), entry.windows)
+            if entries and min(entry.id for entry in entries) < max(self._delivered):
+                self._delivered = dict(sorted(self._delivered.items()))
+
+    def released_ids(self) -> list[int]:
+        """Return, and forget, the ids of delivered entries that the quota deleted since the last call."""
+        with self._lock:
+            released, self._released_ids = self._released_ids, []
+        return released
+
     def remove(self, entry_ids: list[int]) -> None:
         """Delete acknowledged entries.
 
@@ -302,6 +370,8 @@ class Outbox:
                     f"({','.join('?' * len(entry_ids))})", entry_ids).fetchone()
                 self._db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in entry_ids])
                 self._db.execute("COMMIT")
+                for entry_id in entry_ids:
+                    self._delivered.pop(entry_id, None)
             except sqlite3.Error as error:
                 self._rollback()
                 _LOGGER.error("outbox %s: could not delete %d acknowledged messages, they will be sent again "
@@ -317,7 +387,8 @@ class Outbox:
 
     def stats(self) -> OutboxStats:
         with self._lock:
-            return OutboxStats(self._depth, self._bytes, self._counter("dropped"), self._counter("dropped_windows"))
+            return OutboxStats(self._depth, self._bytes, self._counter("dropped"), self._counter("dropped_windows"),
+                               self._counter("released"), self._counter("released_windows"))
 
     def close(self) -> None:
         with self._lock:

@@ -28,12 +28,13 @@ from dawnchorus.edge.backoff import Backoff
 from dawnchorus.edge.outbox import DEFAULT_MAX_BYTES, Outbox
 from dawnchorus.edge.ota import HeadRejected, HeadStore, check_manifest, verify_head
 from dawnchorus.edge.pipeline import InferencePipeline, ScoredBatch
-from dawnchorus.edge.uplink import Uplink
+from dawnchorus.edge.uplink import DEFAULT_RECEIPT_TIMEOUT_S, Uplink
 from dawnchorus.models.backbone import Backbone
 from dawnchorus.models.head import HeadRunner, LinearHead, sigmoid
 from dawnchorus.protocol import topics
-from dawnchorus.protocol.embeddings import REASON_LENGTH, EmbeddingBatch, PayloadError, encode_embeddings
-from dawnchorus.protocol.messages import Ack, Detection, Manifest, Status, encode_detections
+from dawnchorus.protocol.embeddings import (REASON_IDS, REASON_LENGTH, EmbeddingBatch, PayloadError,
+                                            encode_embeddings)
+from dawnchorus.protocol.messages import Ack, Detection, Manifest, Receipt, Status, encode_detections
 from dawnchorus.protocol.rejections import RejectionCounter
 from dawnchorus.protocol.signing import key_id
 from dawnchorus.protocol.tls import TlsSettings
@@ -76,6 +77,12 @@ class RecorderConfig:
             [0, min(max, min * 2**n)].
         drain_timeout_s: after a replay ends, seconds to wait for the outbox to
             empty before exiting; what is left is sent after the next start.
+        await_receipts: keep each embeddings message queued until the base
+            station's receipt confirms it, not only until the broker's PUBACK,
+            so that a broker crash loses nothing. Turn it off only for a
+            recorder whose embeddings no dawnchorus base station receives.
+        receipt_timeout_s: seconds without a confirming receipt, while
+            messages wait for one, before the oldest is sent again as a probe.
         clock_offset_s: seconds added to every timestamp the recorder sends
             (window start times, detections, status, acks), for a recorder whose
             clock is known to be off. Sequence numbers are not affected.
@@ -101,6 +108,8 @@ class RecorderConfig:
     reconnect_min_delay_s: float = 1.0
     reconnect_max_delay_s: float = 60.0
     drain_timeout_s: float = 60.0
+    await_receipts: bool = True
+    receipt_timeout_s: float = DEFAULT_RECEIPT_TIMEOUT_S
     clock_offset_s: float = 0.0
 
     def __post_init__(self):
@@ -112,6 +121,8 @@ class RecorderConfig:
             raise ValueError(f"sensitivity {self.sensitivity} must be in [0.5, 1.5], as in BirdNET")
         if not 1 <= self.windows_per_message <= 256:
             raise ValueError(f"windows_per_message {self.windows_per_message} must be 1 to 256")
+        if self.receipt_timeout_s <= 0:
+            raise ValueError(f"receipt timeout {self.receipt_timeout_s} s is invalid: use a positive number of seconds")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain timeout {self.drain_timeout_s} s is invalid: use 0 or more seconds")
         # Backoff validates the delays.
@@ -175,6 +186,7 @@ class Recorder:
             self._client, config.broker_host, config.broker_port, config.keepalive_s, self._outbox,
             Backoff(config.reconnect_min_delay_s, config.reconnect_max_delay_s), config.device,
             on_connecting=self._set_last_will, on_connected=self._on_connected,
+            receipts=config.await_receipts, receipt_timeout_s=config.receipt_timeout_s,
         )
 
     # MQTT -----------------------------------------------------------------
@@ -191,6 +203,7 @@ class Recorder:
             self.config.tls.apply(client)
         client.message_callback_add(topics.manifest_topic(self.config.site), self._on_manifest)
         client.message_callback_add(f"{topics.ROOT}/{self.config.site}/{topics.MODEL_SEGMENT}/blob/+", self._on_blob)
+        client.message_callback_add(topics.receipt_topic(self.config.site, self.config.device), self._on_receipt)
         return client
 
     def _topic(self, kind: str) -> str:
@@ -216,7 +229,22 @@ class Recorder:
         _LOGGER.info("recorder %s (site %s) connected to %s:%d; %d messages queued", self.config.device,
                      self.config.site, self.config.broker_host, self.config.broker_port, queue.depth)
         client.subscribe(topics.manifest_topic(self.config.site), qos=1)
+        if self.config.await_receipts:
+            client.subscribe(topics.receipt_topic(self.config.site, self.config.device), qos=1)
         self._publish_status("online")
+
+    def _on_receipt(self, client, userdata, message) -> None:
+        if not message.payload:
+            return  # a cleared retained receipt
+        try:
+            receipt = Receipt.decode(message.payload)
+            if receipt.device != self.config.device or receipt.site != self.config.site:
+                raise PayloadError(f"receipt names device {receipt.device} of site {receipt.site}, not this recorder",
+                                   REASON_IDS)
+        except PayloadError as error:
+            self.rejections.reject(message.topic, "the base station", "receipt", error.reason, str(error))
+            return
+        self._uplink.on_receipt(receipt)
 
     def _on_manifest(self, client, userdata, message) -> None:
         if not message.payload:
@@ -299,6 +327,11 @@ class Recorder:
         """Return the counters for the status: the recorder's own, rejected messages, and replayed files."""
         counters = dict(self.counters)
         counters.update({f"rejected.{key}": count for key, count in self.rejections.counts().items()})
+        counters.update({f"receipts.{key}": count for key, count in self._uplink.counters.items()})
+        queue = self._outbox.stats()
+        if queue.released:
+            counters["queue_released"] = queue.released
+            counters["queue_released_windows"] = queue.released_windows
         for name in ("files_read", "files_rejected"):
             if hasattr(self._source, name):
                 counters[name] = int(getattr(self._source, name))

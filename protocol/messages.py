@@ -1,4 +1,4 @@
-"""JSON messages: detections, recorder status, head acknowledgements and head manifests.
+"""JSON messages: detections, recorder status, head acknowledgements, receipts and head manifests.
 
 Every decoder raises PayloadError with the field at fault, so that a receiver
 can log and count a rejected message and carry on.
@@ -250,6 +250,72 @@ class Ack:
             version=_field(obj, "version", int, what),
             accepted=_field(obj, "accepted", bool, what),
             reason=_optional_field(obj, "reason", str, what, ""),
+            time=float(_optional_field(obj, "time", (int, float), what, 0.0)),
+        )
+
+
+# Ranges in one receipt at most. A receipt lists the ranges that hold the
+# numbers of one commit, and a device's numbers form few long runs.
+MAX_RECEIPT_RANGES = 4096
+_MAX_SEQUENCE_END = 2**64
+
+
+@dataclasses.dataclass
+class Receipt:
+    """The base station's confirmation of the embedding windows it has committed to disk for one recorder.
+
+    A recorder keeps a queued embeddings message until a receipt covers its
+    sequence numbers: the broker's PUBACK alone does not survive a broker
+    crash. The station publishes one after each journal commit, retained, so
+    a recorder that reconnects finds the newest one.
+
+    Attributes:
+        device, site: the recorder.
+        ranges: half-open ranges [start, end) of sequence numbers committed,
+            sorted and disjoint. They are the station's accepted ranges that
+            hold the numbers of the messages just committed, so a receipt
+            also confirms earlier numbers in the same run.
+        time: unix time of the commit.
+    """
+
+    device: str
+    site: str
+    ranges: list[tuple[int, int]]
+    time: float = 0.0
+
+    def covers(self, sequence: int) -> bool:
+        return any(start <= sequence < end for start, end in self.ranges)
+
+    def encode(self) -> bytes:
+        return _dumps({"device": self.device, "site": self.site, "ranges": [list(pair) for pair in self.ranges],
+                       "time": self.time})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Receipt:
+        what = "receipt message"
+        obj = _load_object(payload, what)
+        items = _field(obj, "ranges", list, what)
+        if len(items) > MAX_RECEIPT_RANGES:
+            raise PayloadError(f"{what}: {len(items)} ranges exceed the limit of {MAX_RECEIPT_RANGES}",
+                               REASON_TOO_LARGE)
+        ranges = []
+        for item in items:
+            if (not isinstance(item, list) or len(item) != 2
+                    or not all(isinstance(value, int) and not isinstance(value, bool) for value in item)):
+                raise PayloadError(f"{what}: each range must be a list of two integers [start, end], got {item!r}",
+                                   REASON_FIELD)
+            start, end = item
+            if not 0 <= start < end <= _MAX_SEQUENCE_END:
+                raise PayloadError(f"{what}: range [{start}, {end}) is empty or outside the sequence numbers",
+                                   REASON_FIELD)
+            if ranges and start < ranges[-1][1]:
+                raise PayloadError(f"{what}: ranges must be sorted and disjoint, got [{start}, {end}) after "
+                                   f"[{ranges[-1][0]}, {ranges[-1][1]})", REASON_FIELD)
+            ranges.append((start, end))
+        return cls(
+            device=_id_field(obj, "device", what),
+            site=_id_field(obj, "site", what),
+            ranges=ranges,
             time=float(_optional_field(obj, "time", (int, float), what, 0.0)),
         )
 

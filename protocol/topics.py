@@ -6,6 +6,7 @@ Layout, with ``dawnchorus/v1`` as the root:
     <root>/<site>/<device>/detections   JSON detections, QoS 1
     <root>/<site>/<device>/status       JSON status, retained; the last will sets "offline"
     <root>/<site>/<device>/ack          JSON: the head version a recorder runs, or why it rejected one
+    <root>/<site>/<device>/receipt      JSON from the base station: sequence numbers it has committed, retained
     <root>/<site>/model/manifest        JSON head manifest, retained
     <root>/<site>/model/blob/<version>  the TFLite head, retained while it may be needed
     <root>/_station/<station>/stats     JSON counters of one base-station process, retained
@@ -24,7 +25,11 @@ MODEL_SEGMENT = "model"
 # Ids cannot start with '_', so no site can take this topic level.
 STATION_SEGMENT = "_station"
 
+# What recorders publish under their own device id.
 DEVICE_KINDS = ("embeddings", "detections", "status", "ack")
+# What the base station publishes to one recorder. Not in DEVICE_KINDS: the
+# station does not subscribe to it, and a recorder only reads it.
+RECEIPT_KIND = "receipt"
 
 # Ids become topic levels and file names: no MQTT wildcards or separators,
 # nothing that a shell or a file system would interpret.
@@ -50,6 +55,11 @@ def device_topic(site: str, device: str, kind: str) -> str:
     if kind not in DEVICE_KINDS:
         raise TopicError(f"unknown device topic kind {kind!r}, expected one of {DEVICE_KINDS}")
     return f"{ROOT}/{validate_id(site, 'site id')}/{validate_id(device, 'device id')}/{kind}"
+
+
+def receipt_topic(site: str, device: str) -> str:
+    """Return the topic on which the base station confirms what it committed of ``device``'s embeddings."""
+    return f"{ROOT}/{validate_id(site, 'site id')}/{validate_id(device, 'device id')}/{RECEIPT_KIND}"
 
 
 def device_wildcard(kind: str, site: str = "+") -> str:

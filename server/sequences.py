@@ -90,6 +90,20 @@ class SequenceFilter:
         """Return the accepted numbers of ``device`` as sorted half-open ranges [start, end)."""
         return list(self._ranges.get(device, SortedDict()).items())
 
+    def ranges_containing(self, device: str, sequences: list[int]) -> list[tuple[int, int]]:
+        """Return the accepted ranges of ``device`` that hold any of ``sequences``, sorted; numbers not accepted add none."""
+        ranges = self._ranges.get(device)
+        if not ranges:
+            return []
+        found = {}
+        for sequence in sequences:
+            index = ranges.bisect_right(sequence) - 1
+            if index >= 0:
+                start, end = ranges.peekitem(index)
+                if sequence < end:
+                    found[start] = end
+        return sorted(found.items())
+
     def accepted_count(self, device: str) -> int:
         return sum(end - start for start, end in self.ranges(device))
 

@@ -12,6 +12,9 @@ only after the windows it carried are committed to the journal
 (``server/journal.py``). A message that was not acknowledged when the
 station stopped or crashed is delivered again by the broker, and the
 (device, sequence number) filter drops the windows already accepted.
+After each commit the station also publishes a receipt per recorder, so
+that recorders keep their embeddings until they are on the station's disk
+and not only at the broker, which can crash (see edge/uplink.py).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from dawnchorus.protocol.messages import (
     Ack,
     Detection,
     Manifest,
+    Receipt,
     StationStats,
     Status,
     decode_detections,
@@ -216,6 +220,8 @@ class BaseStation:
         self._worker: threading.Thread | None = None
         self.connected = threading.Event()
         self._subscribe_mid: int | None = None
+        # Per (site, device), the sequence numbers of the group being handled, confirmed once it is committed.
+        self._receipts_due: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
         # Per site, the sequence number of the newest published manifest that this process has seen.
         self._published_sequence: dict[str, int] = {}
         self._client = self._make_client()
@@ -354,8 +360,11 @@ class BaseStation:
             raise PayloadError(f"sequence number {int(batch.sequence.max())} is above {MAX_SEQUENCE}, "
                                "the largest that the journal stores", REASON_FIELD)
         ingest = self._ingest(batch.site)
-        fresh = ingest.new_rows(batch.device, batch.sequence.tolist())
+        numbers = batch.sequence.tolist()
+        fresh = ingest.new_rows(batch.device, numbers)
         self.counters["embeddings_duplicate"] += len(batch) - len(fresh)
+        # Duplicates are confirmed too: their first copy may be the one whose receipt the recorder missed.
+        self._receipts_due[(batch.site, batch.device)].extend(numbers)
         if not fresh:
             return
         sequences = batch.sequence[fresh]
@@ -581,6 +590,27 @@ class BaseStation:
                 _LOGGER.warning("base station: acknowledging message %d on %s failed (%s); the broker sends it "
                                 "again", received.mid, received.topic, mqtt.error_string(result))
 
+    def _send_receipts(self) -> None:
+        """Tell each recorder of the group which of its sequence numbers are now committed.
+
+        Recorders keep an embeddings message queued until a receipt covers
+        it, because a broker that crashes loses messages it had already
+        acknowledged to them. The receipt is retained, so a recorder that
+        was offline finds the newest one when it subscribes.
+        """
+        for (site, device), numbers in self._receipts_due.items():
+            ranges = self._ingests[site].filter.ranges_containing(device, numbers)
+            if not ranges:
+                continue
+            receipt = Receipt(device, site, ranges, time.time())
+            info = self._client.publish(topics.receipt_topic(site, device), receipt.encode(), qos=1, retain=True)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                # The recorder sends the messages again after its receipt timeout, and they are confirmed then.
+                _LOGGER.warning("base station: the receipt for recorder %s of site %s was not sent: %s", device, site,
+                                mqtt.error_string(info.rc))
+                continue
+            self.counters["receipts"] += 1
+
     def _save_snapshots(self, every_site: bool = False) -> None:
         """Snapshot each site after a round, after ``update_interval`` new windows, or (``every_site``) at all."""
         interval = self.config.adaptation.update_interval
@@ -650,6 +680,8 @@ class BaseStation:
                 self._run_rounds()
             if self._commit(staged):
                 self._acknowledge(group)
+                self._send_receipts()
+            self._receipts_due.clear()
             self._busy = False
             # Only now, with the group committed, may a snapshot cover its windows.
             self._save_snapshots()

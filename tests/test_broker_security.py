@@ -322,6 +322,30 @@ def test_heads_reach_only_their_site(connect):
     assert topics.blob_topic("meadow", 1) not in prying.topics_received()
 
 
+def test_receipts_reach_only_their_recorder_and_come_only_from_the_base_station(connect):
+    station = connect(BASE_STATION)
+    own = topics.receipt_topic("forest-a", "rec-01")
+    neighbour = topics.receipt_topic("forest-a", "rec-02")
+    recorder = connect("rec-01")
+    # Its own receipts, a neighbour's, and every filter that would match the neighbour's; its own last.
+    recorder.subscribe(neighbour, f"{topics.ROOT}/forest-a/+/{topics.RECEIPT_KIND}", f"{topics.ROOT}/#", own)
+    neighbour_recorder = connect("rec-02")
+    assert "Failure" not in neighbour_recorder.subscribe(neighbour)
+
+    # A recorder cannot confirm windows for another recorder or for itself.
+    recorder.publish(neighbour, b"forged receipt")
+    recorder.publish(own, b"self-made receipt")
+    station.publish(neighbour, b"neighbour receipt")
+    station.publish(own, b"own receipt")
+
+    # The forged receipts were published, and acknowledged, before the station's.
+    assert recorder.wait_for(own, b"own receipt")
+    assert neighbour_recorder.wait_for(neighbour, b"neighbour receipt")
+    assert neighbour not in recorder.topics_received()
+    assert [payload for _, payload, _ in neighbour_recorder.messages] == [b"neighbour receipt"]
+    assert [payload for _, payload, _ in recorder.messages] == [b"own receipt"]
+
+
 def test_retained_heads_reach_only_their_site(connect):
     station = connect(BASE_STATION)
     meadow_manifest, forest_manifest = topics.manifest_topic("meadow"), topics.manifest_topic("forest-a")

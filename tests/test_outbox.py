@@ -100,6 +100,44 @@ def test_outbox_quota_drops_oldest_unsent(tmp_path):
     outbox.close()
 
 
+def test_outbox_quota_releases_delivered_before_dropping_unsent(tmp_path):
+    outbox = Outbox(tmp_path / "outbox.sqlite3", max_bytes=None, max_entries=4)
+    _fill(outbox, 3)
+    handed_out = outbox.take(3)
+    # The broker acknowledged the first two; they wait for the base station's receipt.
+    outbox.mark_delivered(handed_out[:2])
+    _fill(outbox, 4)
+
+    stats = outbox.stats()
+    assert stats.depth == 4
+    assert (stats.released, stats.released_windows) == (2, 8)
+    # One unsent entry went only after both delivered ones; the handed-out one stays.
+    assert (stats.dropped, stats.dropped_windows) == (1, 4)
+    assert outbox.released_ids() == [entry.id for entry in handed_out[:2]]
+    assert outbox.released_ids() == []
+    assert outbox.get(handed_out[0].id) is None
+    assert outbox.get(handed_out[2].id) == handed_out[2]
+    outbox.close()
+    reopened = Outbox(tmp_path / "outbox.sqlite3", max_bytes=None, max_entries=4)
+    assert (reopened.stats().released, reopened.stats().released_windows) == (2, 8)
+    reopened.close()
+
+
+def test_outbox_confirmed_entries_are_not_released(tmp_path):
+    outbox = Outbox(tmp_path / "outbox.sqlite3", max_bytes=None, max_entries=3)
+    _fill(outbox, 2)
+    handed_out = outbox.take(2)
+    outbox.mark_delivered(handed_out)
+    outbox.remove([handed_out[0].id])
+    _fill(outbox, 3)
+
+    stats = outbox.stats()
+    assert stats.depth == 3
+    assert stats.released == 1
+    assert outbox.released_ids() == [handed_out[1].id]
+    outbox.close()
+
+
 def test_outbox_byte_quota(tmp_path):
     outbox = Outbox(tmp_path / "outbox.sqlite3", max_bytes=1000, max_entries=None)
     _fill(outbox, 25, size=100)

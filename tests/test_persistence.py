@@ -40,6 +40,17 @@ def test_sequence_filter_out_of_order():
     assert seen.ranges("rec") == [(0, 3), (5, 6)]
 
 
+def test_sequence_filter_ranges_containing_numbers():
+    seen = SequenceFilter()
+    for number in (*range(0, 16), *range(20, 40), 50):
+        seen.add("rec", number)
+    # A receipt for numbers 21 and 33 confirms their whole run; 45 was never accepted.
+    assert seen.ranges_containing("rec", [33, 21, 45]) == [(20, 40)]
+    assert seen.ranges_containing("rec", [50, 3]) == [(0, 16), (50, 51)]
+    assert seen.ranges_containing("rec", [17]) == []
+    assert seen.ranges_containing("other", [0]) == []
+
+
 def test_sequence_filter_late_number_after_long_gap():
     # 150,000 numbers after a gap: the late number from the gap is still new.
     seen = SequenceFilter()

@@ -31,6 +31,7 @@ from dawnchorus.protocol.messages import (
     Detection,
     Manifest,
     ManifestSignature,
+    Receipt,
     StationStats,
     Status,
     decode_detections,
@@ -319,12 +320,21 @@ station_stats = st.builds(
     rejected=st.dictionaries(st.text(max_size=20), st.integers(), max_size=5),
 )
 
+
+@st.composite
+def receipts(draw) -> Receipt:
+    bounds = sorted(set(draw(st.lists(st.integers(min_value=0, max_value=2**64), max_size=8))))
+    pairs = [(bounds[i], bounds[i + 1]) for i in range(0, len(bounds) - 1, 2)]
+    return Receipt(draw(ids), draw(ids), pairs, draw(finite))
+
+
 # Each JSON decoder, with how to encode what it returns.
 JSON_CODECS = {
     "detections": (decode_detections, encode_detections),
     "status": (Status.decode, lambda status: status.encode()),
     "ack": (Ack.decode, lambda ack: ack.encode()),
     "station stats": (StationStats.decode, lambda stats: stats.encode()),
+    "receipt": (Receipt.decode, lambda receipt: receipt.encode()),
     "manifest": (Manifest.decode, lambda manifest: manifest.encode()),
 }
 
@@ -361,6 +371,41 @@ def test_ack_round_trip_exact(ack):
 @given(station_stats)
 def test_station_stats_round_trip_exact(stats):
     assert StationStats.decode(stats.encode()) == stats
+
+
+@given(receipts())
+def test_receipt_round_trip_exact(receipt):
+    assert Receipt.decode(receipt.encode()) == receipt
+
+
+@pytest.mark.parametrize("ranges, problem", [
+    ([[5, 5]], "empty"),
+    ([[3, 1]], "empty"),
+    ([[-1, 4]], "outside"),
+    ([[0, 2**64 + 1]], "outside"),
+    ([[0, 10], [5, 20]], "sorted and disjoint"),
+    ([[10, 20], [0, 5]], "sorted and disjoint"),
+    ([[0, 1, 2]], "two integers"),
+    ([[0, True]], "two integers"),
+    ([[0.0, 4]], "two integers"),
+    ([[2 * i, 2 * i + 1] for i in range(4097)], "limit"),
+])
+def test_receipt_rejects_invalid_ranges(ranges, problem):
+    payload = json.dumps({"device": "rec-01", "site": "forest-a", "ranges": ranges}).encode()
+    with pytest.raises(PayloadError, match=problem):
+        Receipt.decode(payload)
+
+
+def test_receipt_covers_only_its_ranges():
+    receipt = Receipt("rec-01", "forest-a", [(0, 16), (32, 48)])
+    assert [number for number in range(50) if receipt.covers(number)] == [*range(16), *range(32, 48)]
+
+
+def test_receipt_topic_is_per_device_and_not_a_recorder_kind():
+    assert topics.receipt_topic("forest-a", "rec-01") == "dawnchorus/v1/forest-a/rec-01/receipt"
+    assert topics.RECEIPT_KIND not in topics.DEVICE_KINDS
+    with pytest.raises(topics.TopicError):
+        topics.receipt_topic("forest-a", "rec/01")
 
 
 @st.composite
@@ -437,6 +482,7 @@ def test_json_decoders_mutated_record(data):
         ("status", statuses.map(Status.encode)),
         ("ack", acks.map(Ack.encode)),
         ("station stats", station_stats.map(StationStats.encode)),
+        ("receipt", receipts().filter(lambda receipt: receipt.ranges).map(Receipt.encode)),
     ]))
     record = json.loads(data.draw(value))
     _check_json_decoder(name, json.dumps(data.draw(mutated_records(record))).encode())

@@ -2,7 +2,9 @@
 recordings into a real Mosquitto that the tests kill, cut off and restart.
 
 A receiver takes the place of the base station. It keeps a persistent MQTT
-session, as the base station does, and records the (device, sequence number)
+session, as the base station does, but sends no receipts, so the recorders
+run with ``--no-receipts`` (tests/test_broker_kill.py has the real base
+station and receipts). The receiver records the (device, sequence number)
 of every embedding window it receives. Each test prints the lost and
 duplicated counts (run pytest with -s to see them). QoS 1 may deliver a
 message twice, so duplicates are counted but allowed; after deduplication by
@@ -124,7 +126,8 @@ def _start_recorder(programs, broker, device: str, inputs: list, state_dir, *opt
         "edge", "run", "--device", device, "--site", SITE, "--broker", broker.address,
         "--input", *map(str, inputs), "--threads", "1", "--windows-per-message", "2",
         "--state-dir", str(state_dir), "--reconnect-min-delay", "0.2", "--reconnect-max-delay", "2",
-        "--drain-timeout", "300", *options, log=f"{device}.log",
+        # The receiver sends no receipts, so entries go at the broker's PUBACK, as with no base station.
+        "--drain-timeout", "300", "--no-receipts", *options, log=f"{device}.log",
     )
 
 

@@ -9,50 +9,16 @@ may be missing and none duplicated, and no head version may be published twice.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import pathlib
-import sqlite3
 import subprocess
 import sys
-import time
 
 import pytest
+from support import SPECIES, accepted_windows, inspect_station, recorder_sent
+from support import wait as _wait
 
 from dawnchorus.protocol.messages import Manifest
 
 SITE = "kill-station-site"
-SPECIES = [
-    "Hylocichla mustelina", "Setophaga ruticilla", "Setophaga citrina", "Poecile atricapillus",
-    "Cardinalis cardinalis", "Baeolophus bicolor", "Haemorhous mexicanus", "Turdus migratorius",
-    "Cyanocitta cristata", "Zenaida macroura",
-]
-
-
-def _wait(condition, timeout: float, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
-
-def _sent(edge_state: pathlib.Path, device: str) -> int:
-    """Return how many sequence numbers the recorder has taken (its next free number, kept in its outbox)."""
-    path = edge_state / device / "outbox.sqlite3"
-    if not path.is_file():
-        return 0
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as database:
-        row = database.execute("SELECT value FROM counters WHERE name = 'next_sequence'").fetchone()
-    return int(row[0]) if row else 0
-
-
-def _inspect(server_state: pathlib.Path) -> dict:
-    result = subprocess.run([sys.executable, "-m", "dawnchorus", "server", "inspect", "--state-dir",
-                             str(server_state), "--json"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return {site["site"]: site for site in json.loads(result.stdout)["sites"]}
 
 
 @pytest.mark.slow
@@ -99,11 +65,10 @@ def test_station_killed_mid_stream_loses_nothing(programs, start_mosquitto, obse
     }
 
     def total_sent() -> int:
-        return sum(_sent(edge_state, device) for device in recordings)
+        return sum(recorder_sent(edge_state, device) for device in recordings)
 
     def total_accepted() -> int:
-        site = _inspect(server_state).get(SITE)
-        return sum(entry["accepted_windows"] for entry in site["devices"].values()) if site else 0
+        return accepted_windows(server_state, SITE)
 
     # Each kill comes once the station has accepted windows since it started:
     # 16 for the first, and 64 more, part of them from the broker's backlog, for the second.
@@ -123,17 +88,17 @@ def test_station_killed_mid_stream_loses_nothing(programs, start_mosquitto, obse
 
     for device, process in recorders.items():
         assert process.wait(timeout=300) == 0, programs.log(f"{device}.log")[-3000:]
-    expected = {device: _sent(edge_state, device) for device in recordings}
+    expected = {device: recorder_sent(edge_state, device) for device in recordings}
 
     def caught_up():
-        site = _inspect(server_state).get(SITE)
+        site = inspect_station(server_state).get(SITE)
         return site is not None and all(
             site["devices"].get(device, {}).get("accepted_windows") == count for device, count in expected.items())
 
     assert _wait(caught_up, 240, interval=2), programs.log("server-2.log")[-3000:]
     server.terminate()
     assert server.wait(timeout=60) == 0, programs.log("server-2.log")[-3000:]
-    site = _inspect(server_state)[SITE]
+    site = inspect_station(server_state)[SITE]
 
     lost, duplicated = 0, 0
     for device, count in expected.items():

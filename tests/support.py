@@ -1,0 +1,56 @@
+"""Helpers that several test modules share: polling, the recorders' sent counts, the station's persisted buffers.
+
+pytest puts this folder on ``sys.path`` (``pythonpath`` in pyproject.toml),
+so test modules import it as ``support``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import sqlite3
+import subprocess
+import sys
+import time
+
+# Ten species of eastern North America that the recordings in ../shared/data/soundscapes hold.
+SPECIES = [
+    "Hylocichla mustelina", "Setophaga ruticilla", "Setophaga citrina", "Poecile atricapillus",
+    "Cardinalis cardinalis", "Baeolophus bicolor", "Haemorhous mexicanus", "Turdus migratorius",
+    "Cyanocitta cristata", "Zenaida macroura",
+]
+
+
+def wait(condition, timeout: float, interval: float = 0.3):
+    """Call ``condition`` until it returns a true value or ``timeout`` seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def recorder_sent(edge_state: pathlib.Path, device: str) -> int:
+    """Return how many sequence numbers a recorder has taken: its next free number, kept in its outbox."""
+    path = edge_state / device / "outbox.sqlite3"
+    if not path.is_file():
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as database:
+        row = database.execute("SELECT value FROM counters WHERE name = 'next_sequence'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def inspect_station(server_state: pathlib.Path) -> dict:
+    """Return ``dawnchorus server inspect --json`` of a state directory, by site id."""
+    result = subprocess.run([sys.executable, "-m", "dawnchorus", "server", "inspect", "--state-dir",
+                             str(server_state), "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return {site["site"]: site for site in json.loads(result.stdout)["sites"]}
+
+
+def accepted_windows(server_state: pathlib.Path, site: str) -> int:
+    """Return the windows that the station persisted for ``site``, from every device."""
+    entry = inspect_station(server_state).get(site)
+    return sum(device["accepted_windows"] for device in entry["devices"].values()) if entry else 0
