@@ -21,15 +21,28 @@ too. They are counted as released. Then the oldest entries that have not
 been handed to the MQTT client yet are deleted and counted as dropped. Both
 counts, and the embedding windows of those entries, are stored with the
 queue and reported in the recorder's status.
+
+A truly full disk needs more than catching SQLITE_FULL: deleting rows also
+writes to the write-ahead log, and a checkpoint copies the log into the
+database file, so on a disk with no byte left SQLite can neither add nor
+delete. The outbox therefore keeps a reserve file of ``RESERVE_BYTES`` beside
+the database. On SQLITE_FULL it deletes the reserve, drops the oldest tenth
+of the unsent entries, checkpoints and truncates the log, and gives the
+freed pages back to the file system (``auto_vacuum=INCREMENTAL``); then it
+writes the message and makes a new reserve when there is room again. Drop
+counts that cannot be written meanwhile are kept in memory and written with
+the next commit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 import sqlite3
 import threading
+import time
 
 import numpy as np
 
@@ -42,6 +55,19 @@ _SQLITE_FULL = 13
 # this is room for about 15,000 messages: 240,000 windows, over 8 days of audio
 # recorded without a broker, and fits on any SD card a recorder runs from.
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+
+# Room set aside on the disk for the outbox to recover from a full disk. It
+# must hold the write-ahead log between two checkpoints: SQLite checkpoints
+# every WAL_AUTOCHECKPOINT_PAGES pages, 512 KiB at its default 4 KiB page.
+RESERVE_BYTES = 2 * 1024 * 1024
+WAL_AUTOCHECKPOINT_PAGES = 128
+# After a checkpoint the log file is cut back to this size.
+WAL_SIZE_LIMIT_BYTES = 512 * 1024
+# Entries deleted, and free pages vacuumed, per transaction on a full disk: a
+# transaction writes each page it changes to the log, which must fit on the disk.
+_FREE_CHUNK_ENTRIES = 64
+# Seconds between attempts to make a new reserve after it was used.
+RESERVE_RETRY_S = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -134,18 +160,53 @@ class Outbox:
         # Ids deleted from _delivered by the quota since the last ``released_ids`` call.
         self._released_ids: list[int] = []
 
+        # Drop counts that a full disk kept from being written: (entries, windows).
+        self._unwritten_drops = (0, 0)
+        self._reserve = self.path.with_name(self.path.name + ".reserve")
+        self._reserve_attempt = 0.0
+
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._use_incremental_vacuum()
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL syncs the log on every commit, so a power cut cannot roll the
         # sequence counter back below numbers that were already published.
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
         self._db.executescript(_SCHEMA)
+        self._make_reserve()
         self._depth, self._bytes = self._db.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0) FROM entries").fetchone()
         self._import_legacy_sequence(legacy_sequence_path)
         if self._depth:
             _LOGGER.info("outbox %s: %d queued messages (%d bytes) from an earlier run", self.path,
                          self._depth, self._bytes)
+
+    def _use_incremental_vacuum(self) -> None:
+        """Let the outbox give freed pages back to the file system; a database of an older version is rewritten once."""
+        # 2 is INCREMENTAL. It must be set before the first table is created, or be followed by a VACUUM.
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+            return
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        try:
+            self._db.execute("VACUUM")
+        except sqlite3.Error as error:
+            _LOGGER.warning("outbox %s: could not rewrite the database to free space incrementally (%s); on a "
+                            "full disk it frees space only within its own file", self.path, error)
+
+    def _make_reserve(self) -> None:
+        """Set ``RESERVE_BYTES`` aside in a file beside the database, unless it exists or the disk lacks the room."""
+        if self._reserve.exists():
+            return
+        self._reserve_attempt = time.monotonic()
+        try:
+            with open(self._reserve, "wb") as handle:
+                # Allocated blocks, not a sparse file, so that deleting it frees real space.
+                os.posix_fallocate(handle.fileno(), 0, RESERVE_BYTES)
+        except OSError as error:
+            self._reserve.unlink(missing_ok=True)
+            _LOGGER.warning("outbox %s: could not set %d MiB aside for recovering from a full disk (%s); "
+                            "retrying in %.0f s", self.path, RESERVE_BYTES // 2**20, error, RESERVE_RETRY_S)
 
     def _import_legacy_sequence(self, path: pathlib.Path | None) -> None:
         if path is None or not path.exists():
@@ -172,17 +233,32 @@ class Outbox:
 
         Returns:
             [count] uint64, consecutive numbers that no earlier call returned.
+        Raises:
+            sqlite3.Error: the counter could not be committed, also after
+                dropping queued entries on a full disk.
         """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                first = self._counter("next_sequence")
-                self._set_counter("next_sequence", first + count)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            for attempt in range(2):
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    first = self._counter("next_sequence")
+                    self._set_counter("next_sequence", first + count)
+                    self._db.execute("COMMIT")
+                    break
+                except sqlite3.Error as error:
+                    self._rollback()
+                    if attempt == 0 and _is_disk_full(error) and self._free_space_by_eviction():
+                        continue
+                    raise
+                except BaseException:
+                    self._rollback()
+                    raise
         return np.arange(first, first + count, dtype=np.uint64)
+
+    def count_unqueued(self, windows: int) -> None:
+        """Count a batch of ``windows`` that could not be numbered or queued as one dropped entry."""
+        with self._lock:
+            self._unwritten_drops = (self._unwritten_drops[0] + 1, self._unwritten_drops[1] + windows)
 
     @property
     def next_sequence(self) -> int:
@@ -207,7 +283,12 @@ class Outbox:
                     self._db.execute(
                         "INSERT INTO entries (topic, payload, windows, first_sequence) VALUES (?, ?, ?, ?)",
                         (topic, payload, windows, first_sequence))
+                    unwritten = self._unwritten_drops
+                    if unwritten != (0, 0):
+                        self._set_counter("dropped", self._counter("dropped") + unwritten[0])
+                        self._set_counter("dropped_windows", self._counter("dropped_windows") + unwritten[1])
                     self._db.execute("COMMIT")
+                    self._unwritten_drops = (0, 0)
                 except sqlite3.Error as error:
                     self._rollback()
                     self._depth, self._bytes = self._db.execute(
@@ -218,6 +299,8 @@ class Outbox:
                     return False
                 self._depth += 1
                 self._bytes += len(payload)
+                if not self._reserve.exists() and time.monotonic() - self._reserve_attempt > RESERVE_RETRY_S:
+                    self._make_reserve()
                 return True
         return False
 
@@ -269,32 +352,77 @@ class Outbox:
         return excess_entries, excess_bytes
 
     def _free_space_by_eviction(self) -> bool:
-        """Drop the oldest tenth of the unsent entries after SQLite reported a full disk."""
+        """Drop the oldest unsent entries after SQLite reported a full disk, and give their space back.
+
+        Deleting writes every changed page to the write-ahead log first, so
+        the entries go in small transactions, each followed by a checkpoint
+        that empties the log and an incremental vacuum that shrinks the file.
+        """
         rows = self._db.execute(
             "SELECT id, length(payload), windows, first_sequence FROM entries WHERE id >= ? ORDER BY id",
             (self._cursor,)).fetchall()
         if not rows:
             return False
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._delete_as_dropped(rows[:max(1, len(rows) // 10)], "the disk is full")
-            self._db.execute("COMMIT")
-        except sqlite3.Error as error:
-            self._rollback()
-            _LOGGER.error("outbox %s: could not free space on a full disk: %s", self.path, error)
-            return False
-        return True
+        if self._reserve.exists():
+            self._reserve.unlink()
+            _LOGGER.warning("outbox %s: the disk is full; released the %d MiB reserve to free space", self.path,
+                            RESERVE_BYTES // 2**20)
+        self._checkpoint()
+        # The oldest tenth, and at least twice the reserve, so that a new reserve fits afterwards.
+        count, freed = 0, 0
+        while count < len(rows) and (count < max(1, len(rows) // 10) or freed < 2 * RESERVE_BYTES):
+            freed += rows[count][1]
+            count += 1
+        deleted = 0
+        for start in range(0, count, _FREE_CHUNK_ENTRIES):
+            chunk = rows[start:start + _FREE_CHUNK_ENTRIES]
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._delete_as_dropped(chunk, log=False)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as error:
+                self._rollback()
+                self._depth, self._bytes = self._db.execute(
+                    "SELECT count(*), coalesce(sum(length(payload)), 0) FROM entries").fetchone()
+                _LOGGER.error("outbox %s: could not free space on a full disk: %s", self.path, error)
+                break
+            deleted += len(chunk)
+            self._checkpoint()
+            self._shrink_file()
+        if deleted:
+            _LOGGER.warning("outbox %s: the disk is full, dropped the %d oldest unsent messages (%d embedding "
+                            "windows, sequence numbers from %d)", self.path, deleted,
+                            sum(row[2] for row in rows[:deleted]), rows[0][3])
+            self._make_reserve()
+        return deleted > 0
 
-    def _delete_as_dropped(self, rows: list[tuple[int, int, int, int]], reason: str) -> None:
-        """Delete entries inside the caller's transaction and count them as dropped."""
+    def _shrink_file(self) -> None:
+        """Give the database's free pages back to the file system, a few at a time, checkpointing in between."""
+        try:
+            while self._db.execute("PRAGMA freelist_count").fetchone()[0] > 0:
+                self._db.execute(f"PRAGMA incremental_vacuum({_FREE_CHUNK_ENTRIES})").fetchall()
+                self._checkpoint()
+        except sqlite3.Error as error:
+            _LOGGER.warning("outbox %s: could not give freed pages back to the file system: %s", self.path, error)
+
+    def _checkpoint(self) -> None:
+        """Copy the write-ahead log into the database and cut the log file to zero bytes, if the disk allows."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as error:
+            _LOGGER.warning("outbox %s: checkpoint failed: %s", self.path, error)
+
+    def _delete_as_dropped(self, rows: list[tuple[int, int, int, int]], reason: str = "", log: bool = True) -> None:
+        """Delete entries inside the caller's transaction, count them as dropped and, with ``log``, log why."""
         self._db.executemany("DELETE FROM entries WHERE id = ?", [(row[0],) for row in rows])
         dropped_windows = sum(row[2] for row in rows)
         self._set_counter("dropped", self._counter("dropped") + len(rows))
         self._set_counter("dropped_windows", self._counter("dropped_windows") + dropped_windows)
         self._depth -= len(rows)
         self._bytes -= sum(row[1] for row in rows)
-        _LOGGER.warning("outbox %s: %s, dropped the %d oldest unsent messages (%d embedding windows, "
-                        "sequence numbers from %d)", self.path, reason, len(rows), dropped_windows, rows[0][3])
+        if log:
+            _LOGGER.warning("outbox %s: %s, dropped the %d oldest unsent messages (%d embedding windows, "
+                            "sequence numbers from %d)", self.path, reason, len(rows), dropped_windows, rows[0][3])
 
     def _count_lost(self, windows: int, topic: str, first_sequence: int, error: sqlite3.Error) -> None:
         _LOGGER.error("outbox %s: could not queue the message for %s (%d windows from sequence %d), "
@@ -306,6 +434,8 @@ class Outbox:
             self._db.execute("COMMIT")
         except sqlite3.Error:
             self._rollback()
+            # Counted in memory, and written with the next commit that succeeds.
+            self._unwritten_drops = (self._unwritten_drops[0] + 1, self._unwritten_drops[1] + windows)
 
     def _rollback(self) -> None:
         if self._db.in_transaction:
@@ -387,7 +517,8 @@ class Outbox:
 
     def stats(self) -> OutboxStats:
         with self._lock:
-            return OutboxStats(self._depth, self._bytes, self._counter("dropped"), self._counter("dropped_windows"),
+            return OutboxStats(self._depth, self._bytes, self._counter("dropped") + self._unwritten_drops[0],
+                               self._counter("dropped_windows") + self._unwritten_drops[1],
                                self._counter("released"), self._counter("released_windows"))
 
     def close(self) -> None:

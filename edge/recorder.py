@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import sqlite3
 import threading
 import time
 from typing import Iterable
@@ -361,7 +362,15 @@ class Recorder:
     def _handle_batch(self, batch: ScoredBatch) -> None:
         version = int(batch.head.version)
         scores = sigmoid(batch.logits, self.config.sensitivity)
-        sequence = self._outbox.allocate_sequence(len(batch.windows))
+        self.counters["windows"] += len(batch.windows)
+        try:
+            sequence = self._outbox.allocate_sequence(len(batch.windows))
+        except sqlite3.Error as error:
+            # Without a committed sequence number the windows cannot be sent; analysis goes on.
+            self._outbox.count_unqueued(len(batch.windows))
+            _LOGGER.error("recorder %s: could not number %d windows, so they were dropped: %s", self.config.device,
+                          len(batch.windows), error)
+            return
         offset = self.config.clock_offset_s
 
         detections = []
@@ -386,7 +395,6 @@ class Recorder:
             self._reference = np.concatenate(
                 [batch.embeddings, self._reference] if self._reference is not None else [batch.embeddings]
             )[:REFERENCE_WINDOWS]
-        self.counters["windows"] += len(batch.windows)
 
     def _flush_embeddings(self, version: int) -> None:
         while self._unsent:
@@ -410,8 +418,13 @@ class Recorder:
                 return
             reference = self._reference.copy()
         partial = self._reference_path.with_name("reference.partial.npy")
-        np.save(partial, reference)
-        os.replace(partial, self._reference_path)
+        try:
+            np.save(partial, reference)
+            os.replace(partial, self._reference_path)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            _LOGGER.warning("recorder %s: could not save the reference batch to %s (%s); the next start collects "
+                            "a new one", self.config.device, self._reference_path, error)
 
     # Lifecycle ------------------------------------------------------------
 

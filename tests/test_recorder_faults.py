@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import subprocess
 import threading
 import time
 import uuid
@@ -229,6 +230,50 @@ def test_queue_quota_drops_oldest_and_reports(persistent_mosquitto, receiver, pr
     assert len(received) + status.queue_dropped_windows == windows
     assert received == set(range(windows - len(received), windows))
     assert windows - 1 in received
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs file system, for a recorder state folder that fills up; skipped where mounting is not allowed."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip() or mounted.returncode}); "
+                    "the full-disk path is also covered by tests/test_outbox.py")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_full_disk_drops_oldest_and_reports(persistent_mosquitto, receiver, programs, data_dir, small_disk):
+    broker = persistent_mosquitto
+    device = "rec-full-disk"
+    broker.kill()
+    # One window per message and no quota: the queue grows until the file system is full.
+    recorder = _start_recorder(programs, broker, device, [data_dir / "soundscapes/maad-24h"], small_disk,
+                               "--speed", "0", "--windows-per-message", "1", "--queue-max-mb", "0")
+    assert _wait(lambda: "source finished" in programs.log(f"{device}.log") or recorder.poll() is not None, 300)
+    log = programs.log(f"{device}.log")
+    windows = _windows_analysed(log)
+    assert windows == 384
+    assert "the disk is full, dropped the" in log
+    broker.start()
+
+    assert _exited(recorder, 300), programs.log(f"{device}.log")[-3000:]
+    assert recorder.returncode == 0
+    assert receiver.wait_for(lambda: receiver.statuses.get(device) is not None
+                             and receiver.statuses[device].state == "offline", 60)
+    status = receiver.statuses[device]
+    received = set(receiver.sequences(device))
+    print(f"\nfull disk: {len(received)} of {windows} windows delivered, {status.queue_dropped} messages "
+          f"({status.queue_dropped_windows} windows) dropped and reported")
+    assert status.windows == windows
+    assert status.queue_dropped_windows > 0
+    assert status.queue_depth == 0
+    # Every window was either delivered or counted as dropped, and the dropped ones were the oldest.
+    assert len(received) + status.queue_dropped_windows == windows
+    assert received == set(range(windows - len(received), windows))
 
 
 def test_recorder_killed_clock_back_keeps_sequence(persistent_mosquitto, receiver, programs, data_dir, tmp_path):
