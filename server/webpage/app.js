@@ -284,6 +284,7 @@ function renderSite(name) {
     element("div", {class: "tables"},
       element("div", {}, element("h3", {}, "Head versions"), headsTable(site)),
       element("div", {}, element("h3", {}, "Rounds and the collapse guard's decisions"), roundsTable(site))));
+  for (const placeholder of container.querySelectorAll(":scope > .empty")) placeholder.remove();
   const old = document.getElementById(siteId(name));
   if (old) {
     old.replaceWith(card);
