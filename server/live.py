@@ -44,11 +44,11 @@ MAX_HEADS = 200
 MAX_DAYS = 31
 
 # At start the counts and the recent detections are rebuilt from the end of
-# detections.jsonl. 32 MiB holds about 110,000 detections of 300 bytes, which
+# detections.jsonl. 32 MiB are about 110,000 detections of 300 bytes, which
 # took 0.8 s to read on a 2-core x86 machine.
 SEED_BYTES = 32 * 2**20
 
-# Open pages at once. Each one keeps a server thread busy, so more are answered 503.
+# Open pages at once. Each one keeps a server thread busy, so the server rejects more with HTTP 503.
 MAX_SUBSCRIBERS = 32
 
 # Events queued for one page. A page that falls this far behind is
@@ -230,7 +230,11 @@ class LiveState:
             self._emit("detection", row)
 
     def seen(self, site: str, device: str, when: float | None = None) -> None:
-        """Record that a message of ``device`` arrived now (or at ``when``)."""
+        """Record that a message of ``device`` arrived now, or was sent at ``when``.
+
+        ``last_seen`` never moves back, so an old retained status that the
+        broker delivers again after a reconnect does not hide newer messages.
+        """
         when = time.time() if when is None else when
         with self._lock:
             recorder = self._recorders.get(device)
@@ -243,15 +247,18 @@ class LiveState:
                 self._emit("recorder", recorder)
                 return
             recorder["site"] = site
-            # The page updates "last seen" itself between events; a change of second is not news.
-            if when - recorder["last_seen"] >= 1.0:
-                recorder["last_seen"] = when
+            if when <= recorder["last_seen"]:
+                return
+            # The page updates "last seen" itself between events, so a change below a second is not sent.
+            send = when - recorder["last_seen"] >= 1.0
+            recorder["last_seen"] = when
+            if send:
                 self._emit("recorder", recorder)
-            else:
-                recorder["last_seen"] = when
 
     def status(self, status: Status) -> None:
-        self.seen(status.site, status.device)
+        # A retained status may be old (a last will, or a status delivered again after a
+        # reconnect), so it counts as seen when the recorder sent it, by its own clock.
+        self.seen(status.site, status.device, status.time or None)
         with self._lock:
             recorder = self._recorders[status.device]
             recorder.update(

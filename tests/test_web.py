@@ -405,3 +405,35 @@ def test_web_unknown_path_not_found(fed_station):
     status, _, body = _get(address, "/nothing-here")
     assert status == 404
     assert b"not found: /nothing-here" in body
+
+
+def test_live_state_old_status_keeps_last_seen():
+    state = LiveState("station")
+    state.detection(_detection())
+    state.seen(SITE, DEVICE)
+    before = state.snapshot()["recorders"][0]["last_seen"]
+    state.status(Status(DEVICE, SITE, "offline", time=before - 3600))
+    recorder = state.snapshot()["recorders"][0]
+    assert recorder["state"] == "offline"
+    assert recorder["last_seen"] == before
+
+
+def test_server_run_invalid_http_address_rejected():
+    result = subprocess.run([sys.executable, "-m", "dawnchorus", "server", "run", "--http", "8080"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "invalid --http address '8080'" in result.stderr
+
+
+def test_server_run_http_port_in_use_rejected(tmp_path):
+    generate_key_files(tmp_path / "keys")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "dawnchorus", "server", "run", "--state-dir", str(tmp_path / "state"),
+             "--signing-key", str(tmp_path / "keys" / "head-signing.key"), "--http", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"the live page cannot listen on 127.0.0.1:{port}" in result.stderr

@@ -24,8 +24,8 @@ DEVICE = "rec-browser"
 SPECIES = ["Poecile atricapillus", "Cardinalis cardinalis", "Baeolophus bicolor", "Haemorhous mexicanus",
            "Turdus migratorius", "Cyanocitta cristata", "Zenaida macroura", "Setophaga ruticilla"]
 
-# Collects the text of every head version the page shows, so the test sees v0 turn into v1
-# even if both happen between two polls.
+# Records the text of every head version the page shows, so the test can check that v0 turned
+# into v1 even if both happen between two polls.
 _WATCH_VERSIONS = """
 window.dawnchorusTestMarker = arguments[0];
 window.seenVersions = [];

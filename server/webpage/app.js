@@ -171,7 +171,9 @@ function lineChart(title, series, markers) {
   const svg = svgElement("svg", {viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": title});
   svg.append(svgElement("line", {class: "axis", x1: left, x2: width - right, y1: height - bottom, y2: height - bottom}));
   svg.append(svgElement("line", {class: "axis", x1: left, x2: left, y1: top, y2: height - bottom}));
-  const digits = y1 - y0 < 0.1 ? 4 : y1 - y0 < 10 ? 3 : 1;
+  let digits = 1;
+  if (y1 - y0 < 10) digits = 3;
+  if (y1 - y0 < 0.1) digits = 4;
   for (const value of [y0 + margin, (y0 + y1) / 2, y1 - margin]) {
     const label = svgElement("text", {class: "tick", x: left - 4, y: y(value) + 3, "text-anchor": "end"});
     label.textContent = value.toFixed(digits);
@@ -241,9 +243,14 @@ function headsTable(site) {
     element("tbody", {}, ...heads.map((head) => element("tr", {},
       element("td", {}, `v${head.version}`),
       element("td", {title: dateTime(head.time)}, dateTime(head.time)),
-      element("td", {}, head.rollback ? "–" : head.parent ? `v${head.parent}` : "source"),
+      element("td", {}, parentText(head)),
       element("td", {}, head.rollback ? `rollback from v${head.parent}`
         : `${head.precision} ${head.size ? Math.round(head.size / 1024) + " KiB" : ""}`))))));
+}
+
+function parentText(head) {
+  if (head.rollback) return "–";
+  return head.parent ? `v${head.parent}` : "source";
 }
 
 function roundsTable(site) {
@@ -414,7 +421,7 @@ function connect() {
   events.addEventListener("error", () => {
     connection.textContent = "reconnecting";
     connection.className = "connection lost";
-    // The browser retries by itself unless the server answered with an error (e.g. 503: too many pages).
+    // The browser retries by itself unless the server responded with an error (e.g. 503: too many pages).
     if (events.readyState === EventSource.CLOSED) setTimeout(connect, 10000);
   });
   for (const [kind, handle] of Object.entries(handlers)) {
