@@ -55,6 +55,9 @@ def _load_assets() -> dict[str, bytes]:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
+    # Seconds a read or write may block. A page that stops reading its event stream
+    # (a suspended laptop) then frees its thread instead of keeping it for good.
+    timeout = 60
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         _LOGGER.debug("web %s: " + format, self.client_address[0], *args)

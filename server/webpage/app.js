@@ -9,6 +9,7 @@ const DETECTION_ROWS = 200;   // rows in the detections table; the server keeps 
 const ROUNDS = 500;           // rounds and heads per site, as the server keeps them
 const ROUND_ROWS = 50;        // rows in a site's round table
 const COUNT_DAYS = 7;         // day columns in the species tables
+const KEPT_DAYS = 31;         // days of counts kept, as the server keeps them
 const SVG = "http://www.w3.org/2000/svg";
 
 const state = {
@@ -377,6 +378,8 @@ const handlers = {
     detection.fresh = true;
     state.detections.push(detection);
     if (state.detections.length > 2 * DETECTION_ROWS) state.detections.splice(0, DETECTION_ROWS);
+    const days = Object.keys(state.counts).sort();
+    if (!(detection.day in state.counts) && days.length >= KEPT_DAYS) delete state.counts[days[0]];
     const day = (state.counts[detection.day] = state.counts[detection.day] || {});
     const labels = (day[detection.site] = day[detection.site] || {});
     labels[detection.label] = (labels[detection.label] || 0) + 1;
