@@ -255,12 +255,13 @@ class LiveState:
             if send:
                 self._emit("recorder", recorder)
 
-    def status(self, status: Status) -> None:
+    def status(self, site: str, device: str, status: Status) -> None:
+        """Record a recorder's status. ``site`` and ``device`` come from the topic, which the broker's ACL checks."""
         # A retained status may be old (a last will, or a status delivered again after a
         # reconnect), so it counts as seen when the recorder sent it, by its own clock.
-        self.seen(status.site, status.device, status.time or None)
+        self.seen(site, device, status.time or None)
         with self._lock:
-            recorder = self._recorders[status.device]
+            recorder = self._recorders[device]
             recorder.update(
                 state=status.state, status_time=status.time or None, head_version=status.head_version,
                 windows=status.windows, queue_depth=status.queue_depth, queue_bytes=status.queue_bytes,
@@ -312,17 +313,20 @@ class LiveState:
             self._emit("site", view.summary(site))
 
     def head(self, site: str, version: int, parent: int, created: float, precision: str = "",
-             size: int = 0, rollback: bool = False) -> None:
-        """Record a head version published for ``site`` by this station, or a rollback to ``version``.
+             size: int = 0, rollback: bool = False, published_here: bool = True) -> None:
+        """Record a head version published for ``site``.
 
-        ``parent`` is the version the head was adapted from, or for a rollback the version it replaced.
+        Args:
+            parent: the version the head was adapted from, or for a rollback the version it replaced.
+            rollback: whether ``dawnchorus server rollback`` published it.
+            published_here: whether this station published it; only those count in ``published``.
         """
         entry = {"version": version, "parent": parent, "time": created, "precision": precision, "size": size,
                  "rollback": rollback}
         with self._lock:
             view = self._site(site)
             view.version = version
-            if not rollback:
+            if published_here:
                 view.published += 1
             view.heads.append(entry)
             self._emit("head", {"site": site, **entry})

@@ -343,7 +343,7 @@ class BaseStation:
             elif parsed.kind == "status":
                 if payload:
                     self.recorders[parsed.device] = Status.decode(payload)
-                    self.live.status(self.recorders[parsed.device])
+                    self.live.status(parsed.site, parsed.device, self.recorders[parsed.device])
             elif parsed.kind == "ack":
                 self._record_ack(parsed, Ack.decode(payload))
         except PayloadError as error:
@@ -413,7 +413,7 @@ class BaseStation:
             return
         self._published_sequence[site] = publication.sequence
         self.live.head(site, publication.version, self.views[site].latest_version, publication.time,
-                       rollback=publication.rollback)
+                       rollback=publication.rollback, published_here=False)
         self.views[site].latest_version = publication.version
         if not publication.rollback:
             return

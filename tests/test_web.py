@@ -27,6 +27,7 @@ from dawnchorus.protocol.messages import Ack, Detection, Status, encode_detectio
 from dawnchorus.protocol.signing import generate_key_files
 from dawnchorus.server import live as live_module
 from dawnchorus.server.live import LiveState, TooManySubscribers
+from dawnchorus.server.registry import HeadRegistry
 
 SITE = "web-site"
 DEVICE = "rec-web"
@@ -407,12 +408,41 @@ def test_web_unknown_path_not_found(fed_station):
     assert b"not found: /nothing-here" in body
 
 
+def test_live_state_reads_back_registry_heads(tmp_path):
+    registry = HeadRegistry(tmp_path)
+    stats = {"mean_pseudo_label": 0.02, "candidate_mean_top_score": 0.3, "round_s": 1.5}
+    registry.add(SITE, 0, ["a_A", "b_B"], "fp16", b"head one", 64, stats)
+    registry.add(SITE, 1, ["a_A", "b_B"], "fp16", b"head two", 128, stats)
+    state = LiveState("station")
+    state.seed_site_from_registry(registry, SITE, 2)
+    site = state.snapshot()["sites"][SITE]
+    assert site["version"] == 2
+    assert [(head["version"], head["parent"]) for head in site["heads"]] == [(1, 0), (2, 1)]
+    assert [entry["buffer_size"] for entry in site["rounds_history"]] == [64, 128]
+    assert site["rounds_history"][0]["stats"] == stats
+    # History read back is not new work: the metrics' counters stay at zero.
+    assert site["rounds"] == 0
+    assert site["published"] == 0
+
+
+def test_live_state_rollback_not_counted_published():
+    state = LiveState("station")
+    state.head(SITE, 1, 0, time.time(), "fp16", 1000)
+    state.head(SITE, 2, 1, time.time(), "fp16", 1000)
+    state.head(SITE, 1, 2, time.time(), rollback=True, published_here=False)
+    site = state.snapshot()["sites"][SITE]
+    assert site["version"] == 1
+    assert site["published"] == 2
+    assert site["heads"][-1] == {"version": 1, "parent": 2, "time": site["heads"][-1]["time"], "precision": "",
+                                 "size": 0, "rollback": True}
+
+
 def test_live_state_old_status_keeps_last_seen():
     state = LiveState("station")
     state.detection(_detection())
     state.seen(SITE, DEVICE)
     before = state.snapshot()["recorders"][0]["last_seen"]
-    state.status(Status(DEVICE, SITE, "offline", time=before - 3600))
+    state.status(SITE, DEVICE, Status(DEVICE, SITE, "offline", time=before - 3600))
     recorder = state.snapshot()["recorders"][0]
     assert recorder["state"] == "offline"
     assert recorder["last_seen"] == before
