@@ -74,9 +74,13 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def day_of(timestamp: float) -> str:
-    """Return the base station's local calendar day of a unix time, as YYYY-MM-DD."""
-    return time.strftime("%Y-%m-%d", time.localtime(timestamp))
+def day_of(timestamp: float) -> str | None:
+    """Return the base station's local calendar day of a unix time as YYYY-MM-DD, or None if out of range."""
+    try:
+        return time.strftime("%Y-%m-%d", time.localtime(timestamp))
+    except (OverflowError, ValueError, OSError):
+        # A recorder's clock can be wildly wrong; the detection is still shown, just not counted.
+        return None
 
 
 def _detection_row(detection: Detection) -> dict[str, Any]:
@@ -211,6 +215,8 @@ class LiveState:
 
     def _count(self, row: dict[str, Any]) -> None:
         day = row["day"]
+        if day is None:
+            return
         if day not in self._counts:
             if len(self._counts) >= MAX_DAYS and day < min(self._counts):
                 return
@@ -399,6 +405,11 @@ class LiveState:
         return read
 
     # Readers: the web server's threads ---------------------------------------
+    #
+    # Detection rows, rounds and heads are never changed once appended, so a
+    # snapshot shares them and copies only the containers and the recorder
+    # rows. The lock is then held for copying, and the JSON encoding of a
+    # large snapshot happens outside it, where it cannot stall the worker.
 
     @staticmethod
     def _site_state(site: str, view: _Site) -> dict[str, Any]:
@@ -410,7 +421,8 @@ class LiveState:
             "time": time.time(),
             "started": self.started,
             "detections": list(self._detections),
-            "recorders": sorted(self._recorders.values(), key=lambda recorder: recorder["device"]),
+            "recorders": sorted((dict(recorder) for recorder in self._recorders.values()),
+                                key=lambda recorder: recorder["device"]),
             "sites": {site: self._site_state(site, view) for site, view in sorted(self._sites.items())},
             "counts": {day: {site: dict(labels) for site, labels in sites.items()}
                        for day, sites in sorted(self._counts.items())},
@@ -418,9 +430,9 @@ class LiveState:
         }
 
     def snapshot(self) -> dict[str, Any]:
-        """Return everything the page shows, as JSON-ready data (deep enough copies to encode outside the lock)."""
+        """Return everything the page shows, as data for ``json.dumps``. Treat it as read-only."""
         with self._lock:
-            return json.loads(json.dumps(self._snapshot(), allow_nan=False))
+            return self._snapshot()
 
     def subscribe(self) -> tuple[Subscriber, dict[str, Any]]:
         """Open an event stream. Returns it with a snapshot taken at the same instant, so no event is lost.
@@ -432,7 +444,7 @@ class LiveState:
                 raise TooManySubscribers(f"{MAX_SUBSCRIBERS} live pages are open already")
             subscriber = Subscriber()
             self._subscribers.add(subscriber)
-            return subscriber, json.loads(json.dumps(self._snapshot(), allow_nan=False))
+            return subscriber, self._snapshot()
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         with self._lock:

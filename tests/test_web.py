@@ -467,3 +467,13 @@ def test_server_run_http_port_in_use_rejected(tmp_path):
             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert f"the live page cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_live_state_time_out_of_range_not_counted():
+    state = LiveState("station")
+    detection = _detection()
+    detection.start_time = 1e300
+    state.detection(detection)
+    snapshot = state.snapshot()
+    assert snapshot["detections"][0]["day"] is None
+    assert snapshot["counts"] == {}

@@ -378,13 +378,14 @@ const handlers = {
     detection.fresh = true;
     state.detections.push(detection);
     if (state.detections.length > 2 * DETECTION_ROWS) state.detections.splice(0, DETECTION_ROWS);
+    schedule("detections");
+    if (detection.day === null) return;  // a time the server could not place on a day is not counted
     const days = Object.keys(state.counts).sort();
     if (!(detection.day in state.counts) && days.length >= KEPT_DAYS) delete state.counts[days[0]];
     const day = (state.counts[detection.day] = state.counts[detection.day] || {});
     const labels = (day[detection.site] = day[detection.site] || {});
     labels[detection.label] = (labels[detection.label] || 0) + 1;
     if (state.countsSince === null || detection.time < state.countsSince) state.countsSince = detection.time;
-    schedule("detections");
     schedule("counts");
   },
   recorder(recorder) {
