@@ -265,7 +265,8 @@ class LiveState:
         """Record a recorder's status. ``site`` and ``device`` come from the topic, which the broker's ACL checks."""
         # A retained status may be old (a last will, or a status delivered again after a
         # reconnect), so it counts as seen when the recorder sent it, by its own clock.
-        self.seen(site, device, status.time or None)
+        # A clock ahead of the station's would stop last_seen from moving, so it is capped at now.
+        self.seen(site, device, min(status.time, time.time()) if status.time else None)
         with self._lock:
             recorder = self._recorders[device]
             recorder.update(

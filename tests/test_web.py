@@ -477,3 +477,9 @@ def test_live_state_time_out_of_range_not_counted():
     snapshot = state.snapshot()
     assert snapshot["detections"][0]["day"] is None
     assert snapshot["counts"] == {}
+
+
+def test_live_state_future_status_time_capped():
+    state = LiveState("station")
+    state.status(SITE, DEVICE, Status(DEVICE, SITE, "online", time=time.time() + 10 * 365 * 86400))
+    assert state.snapshot()["recorders"][0]["last_seen"] <= time.time()
