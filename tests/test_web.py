@@ -23,11 +23,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from dawnchorus.models.backbone import Backbone, load_source_model
 from dawnchorus.protocol import topics
 from dawnchorus.protocol.embeddings import EmbeddingBatch, encode_embeddings
-from dawnchorus.protocol.messages import Ack, Detection, Status, encode_detections
+from dawnchorus.protocol.messages import Ack, Detection, StationStats, Status, encode_detections
 from dawnchorus.protocol.signing import generate_key_files
 from dawnchorus.server import live as live_module
 from dawnchorus.server.live import LiveState, TooManySubscribers
+from dawnchorus.server.metrics import metrics_registry
 from dawnchorus.server.registry import HeadRegistry
+from dawnchorus.server.web import WebServer
 
 SITE = "web-site"
 DEVICE = "rec-web"
@@ -134,7 +136,63 @@ def test_live_state_reads_back_detection_log_tail(tmp_path):
     assert sum(sum(labels.values()) for sites in snapshot["counts"].values() for labels in sites.values()) == 10
 
 
-# A running base station -------------------------------------------------------------
+def test_live_state_reads_back_registry_heads(tmp_path):
+    registry = HeadRegistry(tmp_path)
+    stats = {"mean_pseudo_label": 0.02, "candidate_mean_top_score": 0.3, "round_s": 1.5}
+    registry.add(SITE, 0, ["a_A", "b_B"], "fp16", b"head one", 64, stats)
+    registry.add(SITE, 1, ["a_A", "b_B"], "fp16", b"head two", 128, stats)
+    state = LiveState("station")
+    state.seed_site_from_registry(registry, SITE, 2)
+    site = state.snapshot()["sites"][SITE]
+    assert site["version"] == 2
+    assert [(head["version"], head["parent"]) for head in site["heads"]] == [(1, 0), (2, 1)]
+    assert [entry["buffer_size"] for entry in site["rounds_history"]] == [64, 128]
+    assert site["rounds_history"][0]["stats"] == stats
+    # History read back is not new work: the metrics' counters stay at zero.
+    assert site["rounds"] == 0
+    assert site["published"] == 0
+
+
+def test_live_state_rollback_not_counted_published():
+    state = LiveState("station")
+    state.head(SITE, 1, 0, time.time(), "fp16", 1000)
+    state.head(SITE, 2, 1, time.time(), "fp16", 1000)
+    state.head(SITE, 1, 2, time.time(), rollback=True, published_here=False)
+    site = state.snapshot()["sites"][SITE]
+    assert site["version"] == 1
+    assert site["published"] == 2
+    assert site["heads"][-1] == {"version": 1, "parent": 2, "time": site["heads"][-1]["time"], "precision": "",
+                                 "size": 0, "rollback": True}
+
+
+def test_live_state_old_status_keeps_last_seen():
+    state = LiveState("station")
+    state.detection(_detection())
+    state.seen(SITE, DEVICE)
+    before = state.snapshot()["recorders"][0]["last_seen"]
+    state.status(SITE, DEVICE, Status(DEVICE, SITE, "offline", time=before - 3600))
+    recorder = state.snapshot()["recorders"][0]
+    assert recorder["state"] == "offline"
+    assert recorder["last_seen"] == before
+
+
+def test_live_state_time_out_of_range_not_counted():
+    state = LiveState("station")
+    detection = _detection()
+    detection.start_time = 1e300
+    state.detection(detection)
+    snapshot = state.snapshot()
+    assert snapshot["detections"][0]["day"] is None
+    assert snapshot["counts"] == {}
+
+
+def test_live_state_future_status_time_capped():
+    state = LiveState("station")
+    state.status(SITE, DEVICE, Status(DEVICE, SITE, "online", time=time.time() + 10 * 365 * 86400))
+    assert state.snapshot()["recorders"][0]["last_seen"] <= time.time()
+
+
+# HTTP clients ---------------------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -150,6 +208,119 @@ def _wait(condition, timeout: float) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def _get(address: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPConnection(address, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+class _EventStream:
+    """A client of /api/events that reads one server-sent event at a time."""
+
+    def __init__(self, address: str):
+        self._connection = http.client.HTTPConnection(address, timeout=60)
+        self._connection.request("GET", "/api/events")
+        self.response = self._connection.getresponse()
+        self.events: list[tuple[str, dict]] = []
+
+    def next_event(self) -> tuple[str, dict]:
+        kind, data = None, None
+        while True:
+            line = self.response.fp.readline().decode()
+            if not line:
+                raise EOFError("the event stream ended")
+            line = line.rstrip("\n")
+            if line.startswith("event: "):
+                kind = line[len("event: "):]
+            elif line.startswith("data: "):
+                data = json.loads(line[len("data: "):])
+            elif line == "" and kind is not None:
+                return kind, data
+
+    def wait_for(self, kind: str, condition=lambda data: True, timeout: float = 120.0) -> dict:
+        """Return the first event of ``kind`` that meets ``condition``, among those read so far or next."""
+        for event_kind, data in self.events:
+            if event_kind == kind and condition(data):
+                return data
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            event_kind, data = self.next_event()
+            self.events.append((event_kind, data))
+            if event_kind == kind and condition(data):
+                return data
+        raise AssertionError(f"no {kind} event within {timeout} s; seen {[kind for kind, _ in self.events]}")
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def _metrics(address: str) -> dict[tuple[str, tuple], float]:
+    status, headers, body = _get(address, "/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
+
+
+# The web server on its own ---------------------------------------------------------------
+
+
+@pytest.fixture()
+def web_server():
+    """A ``WebServer`` on a free loopback port over an empty ``LiveState``; yields (server, live)."""
+    state = LiveState("station")
+    stats = StationStats("station", time.time(), {"embeddings": 3}, {"status.field": 2})
+    server = WebServer(state, metrics_registry(lambda: stats, state), "127.0.0.1", 0)
+    server.start()
+    yield server, state
+    server.stop()
+
+
+def test_web_server_streams_live_events(web_server):
+    server, state = web_server
+    stream = _EventStream(f"127.0.0.1:{server.port}")
+    assert stream.response.getheader("Content-Type") == "text/event-stream; charset=utf-8"
+    assert stream.wait_for("snapshot", timeout=10)["station"] == "station"
+    state.detection(_detection())
+    assert stream.wait_for("detection", timeout=10)["label"] == "Turdus merula_Eurasian Blackbird"
+    stream.close()
+
+
+def test_web_server_stop_ends_streams(web_server):
+    server, _ = web_server
+    stream = _EventStream(f"127.0.0.1:{server.port}")
+    stream.wait_for("snapshot", timeout=10)
+    server.stop()
+    with pytest.raises(EOFError):
+        stream.next_event()
+
+
+def test_web_server_rejects_extra_streams(web_server):
+    server, _ = web_server
+    streams = [_EventStream(f"127.0.0.1:{server.port}") for _ in range(live_module.MAX_SUBSCRIBERS)]
+    for stream in streams:
+        stream.wait_for("snapshot", timeout=10)
+    status, _, body = _get(f"127.0.0.1:{server.port}", "/api/events")
+    assert status == 503
+    assert b"live pages are open already" in body
+    for stream in streams:
+        stream.close()
+
+
+def test_web_server_metrics_from_stats(web_server):
+    server, _ = web_server
+    metrics = _metrics(f"127.0.0.1:{server.port}")
+    assert metrics[("dawnchorus_embeddings_ingested_total", ())] == 3
+    assert metrics[("dawnchorus_rejected_payloads_total", (("kind", "status"), ("reason", "field")))] == 2
+
+
+# A running base station -------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -223,64 +394,6 @@ def embeddings(data_dir):
 
 def _publish(client, kind: str, payload: bytes, retain: bool = False) -> None:
     client.publish(topics.device_topic(SITE, DEVICE, kind), payload, qos=1, retain=retain).wait_for_publish(10)
-
-
-def _get(address: str, path: str) -> tuple[int, dict[str, str], bytes]:
-    connection = http.client.HTTPConnection(address, timeout=10)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        connection.close()
-
-
-class _EventStream:
-    """A client of /api/events that reads one server-sent event at a time."""
-
-    def __init__(self, address: str):
-        self._connection = http.client.HTTPConnection(address, timeout=60)
-        self._connection.request("GET", "/api/events")
-        self.response = self._connection.getresponse()
-        self.events: list[tuple[str, dict]] = []
-
-    def next_event(self) -> tuple[str, dict]:
-        kind, data = None, None
-        while True:
-            line = self.response.fp.readline().decode()
-            if not line:
-                raise EOFError("the event stream ended")
-            line = line.rstrip("\n")
-            if line.startswith("event: "):
-                kind = line[len("event: "):]
-            elif line.startswith("data: "):
-                data = json.loads(line[len("data: "):])
-            elif line == "" and kind is not None:
-                return kind, data
-
-    def wait_for(self, kind: str, condition=lambda data: True, timeout: float = 120.0) -> dict:
-        """Return the first event of ``kind`` that meets ``condition``, among those read so far or next."""
-        for event_kind, data in self.events:
-            if event_kind == kind and condition(data):
-                return data
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            event_kind, data = self.next_event()
-            self.events.append((event_kind, data))
-            if event_kind == kind and condition(data):
-                return data
-        raise AssertionError(f"no {kind} event within {timeout} s; seen {[kind for kind, _ in self.events]}")
-
-    def close(self) -> None:
-        self._connection.close()
-
-
-def _metrics(address: str) -> dict[tuple[str, tuple], float]:
-    status, headers, body = _get(address, "/metrics")
-    assert status == 200
-    assert headers["Content-Type"].startswith("text/plain; version=")
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
 
 
 @pytest.fixture(scope="module")
@@ -408,44 +521,7 @@ def test_web_unknown_path_not_found(fed_station):
     assert b"not found: /nothing-here" in body
 
 
-def test_live_state_reads_back_registry_heads(tmp_path):
-    registry = HeadRegistry(tmp_path)
-    stats = {"mean_pseudo_label": 0.02, "candidate_mean_top_score": 0.3, "round_s": 1.5}
-    registry.add(SITE, 0, ["a_A", "b_B"], "fp16", b"head one", 64, stats)
-    registry.add(SITE, 1, ["a_A", "b_B"], "fp16", b"head two", 128, stats)
-    state = LiveState("station")
-    state.seed_site_from_registry(registry, SITE, 2)
-    site = state.snapshot()["sites"][SITE]
-    assert site["version"] == 2
-    assert [(head["version"], head["parent"]) for head in site["heads"]] == [(1, 0), (2, 1)]
-    assert [entry["buffer_size"] for entry in site["rounds_history"]] == [64, 128]
-    assert site["rounds_history"][0]["stats"] == stats
-    # History read back is not new work: the metrics' counters stay at zero.
-    assert site["rounds"] == 0
-    assert site["published"] == 0
-
-
-def test_live_state_rollback_not_counted_published():
-    state = LiveState("station")
-    state.head(SITE, 1, 0, time.time(), "fp16", 1000)
-    state.head(SITE, 2, 1, time.time(), "fp16", 1000)
-    state.head(SITE, 1, 2, time.time(), rollback=True, published_here=False)
-    site = state.snapshot()["sites"][SITE]
-    assert site["version"] == 1
-    assert site["published"] == 2
-    assert site["heads"][-1] == {"version": 1, "parent": 2, "time": site["heads"][-1]["time"], "precision": "",
-                                 "size": 0, "rollback": True}
-
-
-def test_live_state_old_status_keeps_last_seen():
-    state = LiveState("station")
-    state.detection(_detection())
-    state.seen(SITE, DEVICE)
-    before = state.snapshot()["recorders"][0]["last_seen"]
-    state.status(SITE, DEVICE, Status(DEVICE, SITE, "offline", time=before - 3600))
-    recorder = state.snapshot()["recorders"][0]
-    assert recorder["state"] == "offline"
-    assert recorder["last_seen"] == before
+# Command line -------------------------------------------------------------------------
 
 
 def test_server_run_invalid_http_address_rejected():
@@ -467,19 +543,3 @@ def test_server_run_http_port_in_use_rejected(tmp_path):
             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert f"the live page cannot listen on 127.0.0.1:{port}" in result.stderr
-
-
-def test_live_state_time_out_of_range_not_counted():
-    state = LiveState("station")
-    detection = _detection()
-    detection.start_time = 1e300
-    state.detection(detection)
-    snapshot = state.snapshot()
-    assert snapshot["detections"][0]["day"] is None
-    assert snapshot["counts"] == {}
-
-
-def test_live_state_future_status_time_capped():
-    state = LiveState("station")
-    state.status(SITE, DEVICE, Status(DEVICE, SITE, "online", time=time.time() + 10 * 365 * 86400))
-    assert state.snapshot()["recorders"][0]["last_seen"] <= time.time()
