@@ -25,6 +25,36 @@ def broker_address(text: str) -> tuple[str, int]:
     return host, number
 
 
+def http_address(text: str) -> tuple[str, int]:
+    """Parse HOST:PORT for --http; PORT is required, and 0 picks a free port."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not host or not 0 <= number < 65536:
+        raise argparse.ArgumentTypeError(f"invalid --http address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080 "
+                                         "(or 0.0.0.0:8080 to serve the whole network)")
+    return host, number
+
+
+def add_http_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http", type=http_address, default=None, metavar="HOST:PORT",
+                        help="serve the live web page and Prometheus /metrics here, e.g. 127.0.0.1:8080 "
+                             "(default: off). The page has no login: use a loopback address or a trusted network")
+
+
+def start_web_server(station, address: tuple[str, int]):
+    """Start the live page and /metrics of ``station`` on ``address``; return the running server."""
+    from dawnchorus.server.metrics import metrics_registry
+    from dawnchorus.server.web import WebServer
+
+    server = WebServer(station.live, metrics_registry(station.stats, station.live), *address)
+    server.start()
+    return server
+
+
 PASSWORD_VARIABLE = "DAWNCHORUS_MQTT_PASSWORD"
 
 
@@ -310,6 +340,7 @@ def add_server_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="own only the sites that hash to this shard, e.g. 2/4 (default 1/1: all)")
     parser.add_argument("--model", type=pathlib.Path, default=None, help="another TFLite classifier")
     parser.add_argument("--labels", type=pathlib.Path, default=None, help="labels of --model")
+    add_http_argument(parser)
     add_species_arguments(parser)
     adaptation_arguments(parser, AdaptationConfig())
 
@@ -405,8 +436,15 @@ def run_server(args: argparse.Namespace) -> int:
     signing_key = signing_key_from_args(args)
     station = build_station(args, args.state_dir, args.broker, credentials, signing_key=signing_key,
                             tls=mqtt_tls(args))
+    web = start_web_server(station, args.http) if args.http is not None else None
     station.start()
-    _run_until_signal(station.stop)
+
+    def stop():
+        if web is not None:
+            web.stop()
+        station.stop()
+
+    _run_until_signal(stop)
     return 0
 
 

@@ -23,8 +23,8 @@ import tempfile
 import threading
 import time
 
-from dawnchorus.cli import (add_species_arguments, adaptation_arguments, broker_address, build_station,
-                            probability, sensitivity)
+from dawnchorus.cli import (add_http_argument, add_species_arguments, adaptation_arguments, broker_address,
+                            build_station, probability, sensitivity, start_web_server)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the registry, detection log and head stores here (default: a temporary "
                              "folder, deleted at the end)")
     parser.add_argument("--summary", type=pathlib.Path, default=None, help="write the summary as JSON here")
+    add_http_argument(parser)
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="give up waiting for heads after this many seconds (default %(default)s)")
     parser.add_argument("--model", type=pathlib.Path, default=None, help=argparse.SUPPRESS)
@@ -157,7 +158,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     recorders: list[Recorder] = []
     threads: list[threading.Thread] = []
+    web = None
     try:
+        if args.http is not None:
+            web = start_web_server(station, args.http)
+            print(f"live page: {web.url}", flush=True)
         if broker is not None:
             broker.start()
         station.start()
@@ -190,6 +195,8 @@ def run_demo(args: argparse.Namespace) -> int:
             recorder.stop()
         for thread in threads:
             thread.join(timeout=30)
+        if web is not None:
+            web.stop()
         station.stop()
         if broker is not None:
             broker.stop()

@@ -66,6 +66,7 @@ from dawnchorus.server.feed import DetectionFeed
 from dawnchorus.server.ingest import SiteIngest
 from dawnchorus.server.journal import (JOURNAL_FILE, SNAPSHOT_FILE, IngestJournal, read_snapshot, snapshot_path,
                                        write_snapshot)
+from dawnchorus.server.live import LiveState
 from dawnchorus.server.publication import HeadPublisher
 from dawnchorus.server.registry import HeadRegistry
 
@@ -195,6 +196,9 @@ class BaseStation:
         self.species_for_site = species_for_site
         self.registry = HeadRegistry(config.state_dir)
         self.feed = DetectionFeed(pathlib.Path(config.state_dir) / "detections.jsonl", on_detection)
+        # What the live web page shows: the worker reports to it, the web server only reads it.
+        self.live = LiveState(config.client_id)
+        self.live.seed_detections(self.feed.path)
         self.sites: dict[str, SiteAdapter] = {}
         self._ingests: dict[str, SiteIngest] = {}
         self._journal = IngestJournal(pathlib.Path(config.state_dir) / JOURNAL_FILE)
@@ -303,6 +307,7 @@ class BaseStation:
                 adapter.restore(state)
             _LOGGER.info("site %s resumes after head v%d from the registry", site, latest)
         self.views[site].latest_version = latest
+        self.live.seed_site_from_registry(self.registry, site, latest)
         self._published_sequence[site] = publication.sequence if publication is not None else 0
         self.sites[site] = adapter
         _LOGGER.info("site %s: %d classes, buffer of %d, a round every %d embeddings", site, len(labels),
@@ -325,6 +330,8 @@ class BaseStation:
             return
         if not self.config.shard.owns(parsed.site):
             return
+        if parsed.kind != "status":
+            self.live.seen(parsed.site, parsed.device)
         payload = received.payload
         # The broker's max_packet_size bounds what reaches this point; the decoders never see more than the limit.
         limit = MAX_PAYLOAD_BYTES if parsed.kind == "embeddings" else MAX_JSON_BYTES
@@ -338,9 +345,11 @@ class BaseStation:
             elif parsed.kind == "detections":
                 for detection in decode_detections(payload):
                     self.feed.add(detection)
+                    self.live.detection(detection)
             elif parsed.kind == "status":
                 if payload:
                     self.recorders[parsed.device] = Status.decode(payload)
+                    self.live.status(parsed.site, parsed.device, self.recorders[parsed.device])
             elif parsed.kind == "ack":
                 self._record_ack(parsed, Ack.decode(payload))
         except PayloadError as error:
@@ -374,12 +383,14 @@ class BaseStation:
                       for row, sequence in enumerate(sequences.tolist()))
         self.counters["embeddings"] += len(fresh)
         self.views[batch.site].embeddings += len(fresh)
+        self.live.buffer(batch.site, ingest.adapter.buffer.size, len(fresh))
 
     def _record_ack(self, parsed: topics.DeviceTopic, ack: Ack) -> None:
         if ack.device != parsed.device or ack.site != parsed.site:
             raise PayloadError(f"ack names device {ack.device} of site {ack.site}, the topic another",
                                REASON_IDS)
         self.acks[ack.device] = ack
+        self.live.ack(ack)
         if ack.accepted:
             self.counters["acks"] += 1
             self.registry.record_ack(ack.site, ack.device, ack.version)
@@ -410,6 +421,8 @@ class BaseStation:
         if publication is None or publication.sequence == self._published_sequence.get(site, 0):
             return
         self._published_sequence[site] = publication.sequence
+        self.live.head(site, publication.version, self.views[site].latest_version, publication.time,
+                       rollback=publication.rollback, published_here=False)
         self.views[site].latest_version = publication.version
         if not publication.rollback:
             return
@@ -436,6 +449,7 @@ class BaseStation:
             self.counters["heads_blocked"] += 1
             _LOGGER.warning("site %s: collapse guard blocked candidate v%d: %s", site, version,
                             result.decision.reason)
+            self.live.round(site, version, False, result.decision.reason, stats, result.buffer_size)
             return
         _LOGGER.info(
             "site %s round %d: buffer %d, pseudo-label mean %.4f, top class changed %.3f, "
@@ -448,6 +462,7 @@ class BaseStation:
             view.last_decision = "published"
         else:
             view.last_decision = "discarded: a rollback was published during the round"
+        self.live.round(site, version, True, view.last_decision, stats, result.buffer_size)
 
     def _publish_head(self, site: str, adapter: SiteAdapter, result: RoundResult) -> bool:
         """Store, sign and publish the round's head. Return False if a rollback made it obsolete."""
@@ -480,6 +495,7 @@ class BaseStation:
             self._follow_rollback(site, adapter)
             return False
         self.views[site].latest_version = signed.version
+        self.live.head(site, signed.version, signed.parent, record.created, precision, signed.size)
         self.counters["heads_published"] += 1
         _LOGGER.info("site %s: published head v%d (%s, %d bytes, sha256 %s..., sequence %d, key %s)", site,
                      signed.version, precision, signed.size, signed.sha256[:12], signed.sequence,
@@ -550,6 +566,7 @@ class BaseStation:
             replayed += len(rows)
         ingest.unsaved = replayed
         size = ingest.adapter.buffer.size
+        self.live.buffer(site, size, 0)
         _LOGGER.info("site %s restored: %d windows in the buffer (%d from the journal), %d since the last round, "
                      "%d devices", site, size, replayed, ingest.adapter.pending, len(ingest.filter.devices()))
 
