@@ -29,7 +29,7 @@ PASSWORD_VARIABLE = "DAWNCHORUS_MQTT_PASSWORD"
 
 
 def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", type=broker_address, default=("127.0.0.1", 1883), metavar="HOST:PORT",
+    parser.add_argument("--broker", type=broker_address, default="127.0.0.1:1883", metavar="HOST:PORT",
                         help="MQTT broker (default 127.0.0.1:1883)")
     parser.add_argument("--mqtt-user", default=None,
                         help=f"MQTT user name; the password is read from ${PASSWORD_VARIABLE}")
@@ -538,6 +538,16 @@ def run_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from dawnchorus.config import CHECKS, ConfigError, run_check
+
+    try:
+        return run_check(args, parser, CHECKS)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
 def run_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "build":
         from dawnchorus.evaluation.cli import run_build
@@ -551,6 +561,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from dawnchorus import __version__
+    from dawnchorus.config import ConfigurableParser, add_check_arguments
     from dawnchorus.demo import add_demo_arguments
     from dawnchorus.edge import analyze
     from dawnchorus.evaluation.cli import add_build_arguments
@@ -568,11 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run broker, base station and recorders on recordings")
     add_demo_arguments(demo)
 
-    edge = commands.add_parser("edge", help="recorder unit").add_subparsers(dest="edge_command", required=True)
-    add_edge_run_arguments(edge.add_parser("run", help="run a recorder unit"))
+    edge = commands.add_parser("edge", help="recorder unit").add_subparsers(
+        dest="edge_command", required=True, parser_class=ConfigurableParser)
+    add_edge_run_arguments(edge.add_parser("run", help="run a recorder unit", config_table="recorder"))
 
-    server = commands.add_parser("server", help="base station").add_subparsers(dest="server_command", required=True)
-    add_server_run_arguments(server.add_parser("run", help="run a base station"))
+    server = commands.add_parser("server", help="base station").add_subparsers(
+        dest="server_command", required=True, parser_class=ConfigurableParser)
+    add_server_run_arguments(server.add_parser("run", help="run a base station", config_table="base_station"))
     add_rollback_arguments(server.add_parser(
         "rollback", help="publish a signed rollback of a site to a stored head version",
         description="Publish a stored head version of a site again, signed, as a rollback. Recorders of the "
@@ -592,6 +605,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "(the public key for recorders) to DIRECTORY. Existing key files are never overwritten.")
     generate.add_argument("directory", type=pathlib.Path, metavar="DIRECTORY",
                           help="folder for the key files, created with mode 0700 if missing")
+
+    config = commands.add_parser("config", help="configuration files").add_subparsers(
+        dest="config_command", required=True)
+    add_check_arguments(config.add_parser(
+        "check", help="validate a configuration file and print the effective settings",
+        description="Validate the [recorder] and [base_station] tables of a TOML configuration file as "
+                    "'edge run --config FILE' and 'server run --config FILE' would, including species files "
+                    "and thresholds, and print the settings those commands would start with. Starts nothing."))
 
     analyze_parser = commands.add_parser("analyze", help="analyze files offline, write BirdNET-style CSV")
     analyze.add_arguments(analyze_parser)
@@ -619,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_server(args)
         if args.command == "keys":
             return run_keys(args)
+        if args.command == "config":
+            return run_config(args, parser)
         if args.command == "analyze":
             from dawnchorus.edge import analyze
             return analyze.run(args)
