@@ -202,6 +202,14 @@ def load_classifier(
 
 def _select_species(args: argparse.Namespace, head: LinearHead) -> tuple[LinearHead, dict[str, float]]:
     """Cut ``head`` to the species of --species-file or --species and read --species-thresholds."""
+    # Thresholds are checked against every model label, as on a recorder, so that one
+    # thresholds file serves several species lists.
+    try:
+        thresholds = load_species_thresholds(getattr(args, "species_thresholds", None))
+        per_species = thresholds.resolve(head.labels) if thresholds is not None else {}
+    except SpeciesListError as error:
+        raise AnalyzeError(f"--species-thresholds: {error}") from error
+
     spec = SpeciesSpec(args.species_file) if args.species_file is not None else getattr(args, "species", None)
     option = "--species-file" if args.species_file is not None else "--species"
     if spec is not None:
@@ -211,11 +219,6 @@ def _select_species(args: argparse.Namespace, head: LinearHead) -> tuple[LinearH
             head = head.select(spec.resolve(head.labels, range_model, threshold))
         except (OSError, UnicodeDecodeError, ValueError) as error:
             raise AnalyzeError(f"{option} {args.species_file or spec}: {error}") from error
-    try:
-        thresholds = load_species_thresholds(getattr(args, "species_thresholds", None))
-        per_species = thresholds.resolve(head.labels) if thresholds is not None else {}
-    except SpeciesListError as error:
-        raise AnalyzeError(f"--species-thresholds: {error}") from error
     return head, per_species
 
 

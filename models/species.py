@@ -138,11 +138,10 @@ class SpeciesSpec:
     Text form: ``BASE[+@FILE...][-@FILE...]``, where BASE is ``LAT,LON[,WEEK]``
     (BirdNET's range model), ``@FILE`` (exactly the species in a file) or
     ``all`` (every model class). ``+@FILE`` adds a file's species to the base
-    list and ``-@FILE`` removes them, in the manner of the include and exclude
-    lists of BirdNET-Pi and BirdNET-Go. Unlike BirdNET-Pi's include list, an
-    include file adds species that the range model left out instead of
-    narrowing its list, because a field team lists the species it knows occur
-    at a site. A team that wants exactly its own list gives the file as BASE.
+    list, as BirdNET-Pi's whitelist adds species that the range model leaves
+    out, and ``-@FILE`` removes them, as its exclude list does. A team that
+    wants exactly its own list, as BirdNET-Pi's include list gives, uses the
+    file as BASE.
 
     Attributes:
         base: a location for the range model, a species file, or None for all classes.
@@ -186,10 +185,6 @@ class SpeciesSpec:
         base = folder / self.base if isinstance(self.base, pathlib.Path) else self.base
         return SpeciesSpec(base, tuple(folder / path for path in self.include),
                            tuple(folder / path for path in self.exclude))
-
-    @property
-    def needs_range_model(self) -> bool:
-        return isinstance(self.base, Location)
 
     def resolve(
         self,

@@ -288,3 +288,32 @@ def test_recorder_and_station_agree_on_site_list(files, labels, tmp_path):
     _, recorder_labels, _ = recorder_species(edge_args, load_source_model())
     server_args = build_parser().parse_args(["server", "run", "--site-species", f"s={spec}"])
     assert recorder_labels == species_resolver(server_args, labels, files.range_model)("s")
+
+
+def test_analyze_thresholds_outside_species_list_ignored(tmp_path):
+    species = _write(tmp_path / "species.txt", "Poecile atricapillus\n")
+    thresholds = _write(tmp_path / "t.txt", "Haemorhous mexicanus,0.2\n")
+    out = tmp_path / "out.csv"
+    result = subprocess.run([sys.executable, "-m", "dawnchorus", "analyze", str(SOUNDSCAPE), "--out", str(out),
+                             "--species-file", str(species), "--species-thresholds", str(thresholds)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "House Finch" not in out.read_text()
+    assert "Black-capped Chickadee" in out.read_text()
+
+
+def test_demo_applies_species_thresholds(mosquitto, tmp_path):
+    """The demo's recorders drop a species whose threshold no score reaches, and keep the others."""
+    import json
+
+    thresholds = _write(tmp_path / "t.txt", f"{CHICKADEE},1.0\n")
+    summary_path = tmp_path / "summary.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "dawnchorus", "demo", str(SOUNDSCAPE), "--broker", mosquitto.address, "--speed", "0",
+         "--min-buffer", "16", "--summary", str(summary_path), "--site-species", "demo=47.68,-122.29,20",
+         "--species-thresholds", str(thresholds), "--sensitivity", "1.2"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    detections = json.loads(summary_path.read_text())["detections"]
+    assert CHICKADEE not in detections
+    assert HOUSE_FINCH in detections
