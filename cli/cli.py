@@ -199,6 +199,10 @@ def recorder_species(args: argparse.Namespace, model):
         head = head.select(labels)
     thresholds = load_species_thresholds(args.species_thresholds)
     per_species = thresholds.resolve(model.head.labels) if thresholds is not None else {}
+    unused = sorted(set(per_species) - set(head.labels))
+    if unused:
+        _LOGGER.info("%d species thresholds of %s are for species outside the site's list and have no effect, "
+                     "e.g. %s", len(unused), thresholds.source, unused[0])
     return head, labels, per_species
 
 

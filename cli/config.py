@@ -236,9 +236,11 @@ _FLAG_ACTIONS = (argparse._StoreConstAction, argparse.BooleanOptionalAction)
 
 
 def _expected(action: argparse.Action) -> str:
-    names = {int: "a whole number", float: "a number", pathlib.Path: "a path"}
-    return names.get(action.type, "a string" if action.type is None else f"a value that {action.option_strings[0]} "
-                                                                         "accepts")
+    """Describe the values an option accepts, for messages."""
+    names = {int: "a whole number", float: "a number", pathlib.Path: "a path", None: "a string"}
+    if action.type in names:
+        return names[action.type]
+    return f"a value that {action.option_strings[0]} accepts"
 
 
 def load_table(
