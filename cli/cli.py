@@ -188,14 +188,18 @@ def recorder_species(args: argparse.Namespace, model):
     """Return the recorder's source head cut to its species list, the list itself (None for all classes)
     and its per-species thresholds by label."""
     from dawnchorus.models import birdnet
-    from dawnchorus.models.species import DEFAULT_RANGE_THRESHOLD, SpeciesSpec, load_species_thresholds
+    from dawnchorus.models.species import (DEFAULT_RANGE_THRESHOLD, SpeciesListError, SpeciesSpec,
+                                           load_species_thresholds)
 
     spec = SpeciesSpec(args.species_file) if args.species_file is not None else args.species
     head, labels = model.head, None
     if spec is not None:
         range_model = birdnet.locate_birdnet_files().range_model if args.model is None else None
         threshold = DEFAULT_RANGE_THRESHOLD if args.range_threshold is None else args.range_threshold
-        labels = spec.resolve(model.head.labels, range_model, threshold)
+        try:
+            labels = spec.resolve(model.head.labels, range_model, threshold)
+        except SpeciesListError as error:
+            raise SpeciesListError(f"--species {spec}: {error}") from error
         head = head.select(labels)
     thresholds = load_species_thresholds(args.species_thresholds)
     per_species = thresholds.resolve(model.head.labels) if thresholds is not None else {}
@@ -365,14 +369,22 @@ def signing_key_from_args(args: argparse.Namespace):
 
 def species_resolver(args: argparse.Namespace, labels: list[str], range_model: pathlib.Path | None):
     """Build the function that gives each site its species list from the command line."""
-    from dawnchorus.models.species import DEFAULT_RANGE_THRESHOLD
+    from dawnchorus.models.species import DEFAULT_RANGE_THRESHOLD, SpeciesListError
 
     threshold = DEFAULT_RANGE_THRESHOLD if args.range_threshold is None else args.range_threshold
     # A later --site-species for the same site wins, so that the command line overrides a configuration file.
     per_site = {entry.site: entry.spec for entry in args.site_species}
     # Resolve every spec now, so that a typo fails at start-up, not at the first embedding.
-    resolved = {site: spec.resolve(labels, range_model, threshold) for site, spec in per_site.items()}
-    default = args.default_species.resolve(labels, range_model, threshold)
+    resolved = {}
+    for site, spec in per_site.items():
+        try:
+            resolved[site] = spec.resolve(labels, range_model, threshold)
+        except SpeciesListError as error:
+            raise SpeciesListError(f"--site-species {site}={spec}: {error}") from error
+    try:
+        default = args.default_species.resolve(labels, range_model, threshold)
+    except SpeciesListError as error:
+        raise SpeciesListError(f"--default-species {args.default_species}: {error}") from error
 
     def species_for_site(site: str) -> list[str]:
         return resolved.get(site, default)
