@@ -241,3 +241,8 @@ def test_edge_and_server_run_from_config(mosquitto, observe, programs, tmp_path,
         time.sleep(0.2)
     assert "site config-site: 3 classes" in programs.log("station.log")
     assert (tmp_path / "server").is_dir()
+
+
+def test_species_thresholds_file_follows_config(tmp_path):
+    path = _write(tmp_path / "rec.toml", '[recorder]\ndevice = "r"\nsite = "s"\nspecies_thresholds = "t.txt"\n')
+    assert _parse("edge", "run", "--config", str(path)).species_thresholds == tmp_path / "t.txt"
