@@ -59,7 +59,7 @@ PASSWORD_VARIABLE = "DAWNCHORUS_MQTT_PASSWORD"
 
 
 def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", type=broker_address, default=("127.0.0.1", 1883), metavar="HOST:PORT",
+    parser.add_argument("--broker", type=broker_address, default="127.0.0.1:1883", metavar="HOST:PORT",
                         help="MQTT broker (default 127.0.0.1:1883)")
     parser.add_argument("--mqtt-user", default=None,
                         help=f"MQTT user name; the password is read from ${PASSWORD_VARIABLE}")
@@ -125,18 +125,24 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+SPECIES_SPEC_HELP = ("SPEC is LAT,LON[,WEEK] (BirdNET's range model at that latitude, longitude and week "
+                     "1-48, or -1 for the whole year), @FILE (exactly the labels in a file) or all; append "
+                     "+@FILE to add a file's species and -@FILE to remove them")
+
+
 def add_species_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("site species lists")
+    from dawnchorus.models.species import range_threshold_argument, site_species_argument, species_spec_argument
+
+    group = parser.add_argument_group("site species lists", SPECIES_SPEC_HELP)
     group.add_argument(
-        "--site-species", action="append", default=[], metavar="SITE=LAT,LON[,WEEK]|SITE=@FILE",
-        help="species list of a site: from BirdNET's range model at a latitude, longitude and week "
-             "(1-48, default -1: whole year), or from a file of labels; repeat per site",
+        "--site-species", type=site_species_argument, action="append", default=[], metavar="SITE=SPEC",
+        help="species list of a site, e.g. forest-a=47.68,-122.29,20-@never.txt; repeat per site",
     )
     group.add_argument(
-        "--default-species", metavar="LAT,LON[,WEEK]|@FILE|all", default="all",
+        "--default-species", type=species_spec_argument, metavar="SPEC", default="all",
         help="species list of sites not named with --site-species (default: all model classes)",
     )
-    group.add_argument("--range-threshold", type=float, default=None,
+    group.add_argument("--range-threshold", type=range_threshold_argument, default=None, metavar="SCORE",
                        help="range model occurrence threshold (default 0.03, as BirdNET)")
 
 
@@ -192,6 +198,48 @@ def _run_until_signal(stop) -> None:
 # Subcommands -------------------------------------------------------------------
 
 
+def add_recorder_species_arguments(parser: argparse.ArgumentParser) -> None:
+    from dawnchorus.models.species import add_threshold_arguments, range_threshold_argument, species_spec_argument
+
+    group = parser.add_argument_group("species", SPECIES_SPEC_HELP)
+    species = group.add_mutually_exclusive_group()
+    species.add_argument("--species", type=species_spec_argument, default=None, metavar="SPEC",
+                         help="the site's species list, the same as the base station's --site-species for this "
+                              "site: the classes of the source head, and those every pushed head must have "
+                              "(default: all model classes)")
+    species.add_argument("--species-file", type=pathlib.Path, default=None, metavar="FILE",
+                         help="the same as --species @FILE")
+    group.add_argument("--range-threshold", type=range_threshold_argument, default=None, metavar="SCORE",
+                       help="range model occurrence threshold (default 0.03, as BirdNET)")
+    add_threshold_arguments(group)
+
+
+def recorder_species(args: argparse.Namespace, model):
+    """Return the recorder's source head cut to its species list, the list itself (None for all classes)
+    and its per-species thresholds by label."""
+    from dawnchorus.models import birdnet
+    from dawnchorus.models.species import (DEFAULT_RANGE_THRESHOLD, SpeciesListError, SpeciesSpec,
+                                           load_species_thresholds)
+
+    spec = SpeciesSpec(args.species_file) if args.species_file is not None else args.species
+    head, labels = model.head, None
+    if spec is not None:
+        range_model = birdnet.locate_birdnet_files().range_model if args.model is None else None
+        threshold = DEFAULT_RANGE_THRESHOLD if args.range_threshold is None else args.range_threshold
+        try:
+            labels = spec.resolve(model.head.labels, range_model, threshold)
+        except SpeciesListError as error:
+            raise SpeciesListError(f"--species {spec}: {error}") from error
+        head = head.select(labels)
+    thresholds = load_species_thresholds(args.species_thresholds)
+    per_species = thresholds.resolve(model.head.labels) if thresholds is not None else {}
+    unused = sorted(set(per_species) - set(head.labels))
+    if unused:
+        _LOGGER.info("%d species thresholds of %s are for species outside the site's list and have no effect, "
+                     "e.g. %s", len(unused), thresholds.source, unused[0])
+    return head, labels, per_species
+
+
 def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
     from dawnchorus.edge.recorder import RecorderConfig
 
@@ -211,8 +259,7 @@ def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-conf", type=probability, default=RecorderConfig.min_conf,
                         help="detection threshold (default %(default)s)")
     parser.add_argument("--sensitivity", type=sensitivity, default=1.0, help="sigmoid sensitivity 0.5-1.5")
-    parser.add_argument("--species-file", type=pathlib.Path, default=None,
-                        help="labels of the source head before the first pushed head (default: all)")
+    add_recorder_species_arguments(parser)
     parser.add_argument("--state-dir", type=pathlib.Path, default=pathlib.Path("state/edge"),
                         help="sequence numbers, reference batch and head store (default %(default)s)")
     parser.add_argument("--model", type=pathlib.Path, default=None, help="another TFLite classifier")
@@ -271,22 +318,20 @@ def run_edge(args: argparse.Namespace) -> int:
     from dawnchorus.edge.audio import FileSource, MicrophoneSource
     from dawnchorus.edge.recorder import Recorder, RecorderConfig
     from dawnchorus.models.backbone import Backbone, load_source_model
-    from dawnchorus.models.species import species_from_file
     from dawnchorus.protocol.signing import load_public_key
 
     username, password = mqtt_credentials(args)
     tls = mqtt_tls(args)
     public_key = load_public_key(args.head_public_key) if args.head_public_key is not None else None
     model = load_source_model(args.model, args.labels)
-    head = model.head
-    if args.species_file is not None:
-        head = head.select(species_from_file(args.species_file, head.labels))
+    head, site_labels, per_species = recorder_species(args, model)
     config = RecorderConfig(
         device=args.device, site=args.site, broker_host=args.broker[0], broker_port=args.broker[1],
         username=username, password=password, tls=tls, state_dir=args.state_dir, min_conf=args.min_conf,
-        sensitivity=args.sensitivity, windows_per_message=args.windows_per_message, head_public_key=public_key,
-        # The species file is the site's class list, which every pushed head must match.
-        head_labels=list(head.labels) if args.species_file is not None else None,
+        sensitivity=args.sensitivity, species_thresholds=per_species,
+        windows_per_message=args.windows_per_message, head_public_key=public_key,
+        # The species list is the site's class list, which every pushed head must match.
+        head_labels=site_labels,
         queue_max_bytes=_queue_quota_bytes(args.queue_max_mb),
         queue_max_entries=_queue_quota_entries(args.queue_max_entries),
         reconnect_min_delay_s=args.reconnect_min_delay, reconnect_max_delay_s=args.reconnect_max_delay,
@@ -364,33 +409,22 @@ def signing_key_from_args(args: argparse.Namespace):
 
 def species_resolver(args: argparse.Namespace, labels: list[str], range_model: pathlib.Path | None):
     """Build the function that gives each site its species list from the command line."""
-    from dawnchorus.models.species import (DEFAULT_RANGE_THRESHOLD, Location, species_from_file,
-                                           species_from_range_model)
+    from dawnchorus.models.species import DEFAULT_RANGE_THRESHOLD, SpeciesListError
 
     threshold = DEFAULT_RANGE_THRESHOLD if args.range_threshold is None else args.range_threshold
-
-    def resolve(spec: str) -> list[str]:
-        if spec == "all":
-            return list(labels)
-        if spec.startswith("@"):
-            return species_from_file(pathlib.Path(spec[1:]), labels)
-        parts = spec.split(",")
-        if len(parts) not in (2, 3):
-            raise ValueError(f"invalid species spec {spec!r}: expected LAT,LON[,WEEK], @FILE or all")
-        if range_model is None:
-            raise ValueError("a location needs BirdNET's range model, which a custom --model lacks; use @FILE")
-        location = Location(float(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else -1)
-        return species_from_range_model(range_model, labels, location, threshold)
-
-    per_site: dict[str, str] = {}
-    for entry in args.site_species:
-        site, _, spec = entry.partition("=")
-        if not site or not spec:
-            raise ValueError(f"invalid --site-species {entry!r}: expected SITE=LAT,LON[,WEEK] or SITE=@FILE")
-        per_site[site] = spec
-    # Parse every spec once now, so that a typo fails at start-up, not at the first embedding.
-    resolved = {site: resolve(spec) for site, spec in per_site.items()}
-    default = resolve(args.default_species)
+    # A later --site-species for the same site wins, so that the command line overrides a configuration file.
+    per_site = {entry.site: entry.spec for entry in args.site_species}
+    # Resolve every spec now, so that a typo fails at start-up, not at the first embedding.
+    resolved = {}
+    for site, spec in per_site.items():
+        try:
+            resolved[site] = spec.resolve(labels, range_model, threshold)
+        except SpeciesListError as error:
+            raise SpeciesListError(f"--site-species {site}={spec}: {error}") from error
+    try:
+        default = args.default_species.resolve(labels, range_model, threshold)
+    except SpeciesListError as error:
+        raise SpeciesListError(f"--default-species {args.default_species}: {error}") from error
 
     def species_for_site(site: str) -> list[str]:
         return resolved.get(site, default)
@@ -567,6 +601,16 @@ def run_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from dawnchorus.config import CHECKS, ConfigError, run_check
+
+    try:
+        return run_check(args, parser, CHECKS)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
 def run_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "build":
         from dawnchorus.evaluation.cli import run_build
@@ -580,6 +624,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from dawnchorus import __version__
+    from dawnchorus.config import ConfigurableParser, add_check_arguments
     from dawnchorus.demo import add_demo_arguments
     from dawnchorus.edge import analyze
     from dawnchorus.evaluation.cli import add_build_arguments
@@ -597,11 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run broker, base station and recorders on recordings")
     add_demo_arguments(demo)
 
-    edge = commands.add_parser("edge", help="recorder unit").add_subparsers(dest="edge_command", required=True)
-    add_edge_run_arguments(edge.add_parser("run", help="run a recorder unit"))
+    edge = commands.add_parser("edge", help="recorder unit").add_subparsers(
+        dest="edge_command", required=True, parser_class=ConfigurableParser)
+    add_edge_run_arguments(edge.add_parser("run", help="run a recorder unit", config_table="recorder"))
 
-    server = commands.add_parser("server", help="base station").add_subparsers(dest="server_command", required=True)
-    add_server_run_arguments(server.add_parser("run", help="run a base station"))
+    server = commands.add_parser("server", help="base station").add_subparsers(
+        dest="server_command", required=True, parser_class=ConfigurableParser)
+    add_server_run_arguments(server.add_parser("run", help="run a base station", config_table="base_station"))
     add_rollback_arguments(server.add_parser(
         "rollback", help="publish a signed rollback of a site to a stored head version",
         description="Publish a stored head version of a site again, signed, as a rollback. Recorders of the "
@@ -621,6 +668,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "(the public key for recorders) to DIRECTORY. Existing key files are never overwritten.")
     generate.add_argument("directory", type=pathlib.Path, metavar="DIRECTORY",
                           help="folder for the key files, created with mode 0700 if missing")
+
+    config = commands.add_parser("config", help="configuration files").add_subparsers(
+        dest="config_command", required=True)
+    add_check_arguments(config.add_parser(
+        "check", help="validate a configuration file and print the effective settings",
+        description="Validate the [recorder] and [base_station] tables of a TOML configuration file as "
+                    "'edge run --config FILE' and 'server run --config FILE' would, including species files "
+                    "and thresholds, and print the settings those commands would start with. Starts nothing."))
 
     analyze_parser = commands.add_parser("analyze", help="analyze files offline, write BirdNET-style CSV")
     analyze.add_arguments(analyze_parser)
@@ -648,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_server(args)
         if args.command == "keys":
             return run_keys(args)
+        if args.command == "config":
+            return run_config(args, parser)
         if args.command == "analyze":
             from dawnchorus.edge import analyze
             return analyze.run(args)

@@ -30,6 +30,7 @@ _LOGGER = logging.getLogger(__name__)
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from dawnchorus.models.species import add_threshold_arguments
     from dawnchorus.server.adaptation import AdaptationConfig
 
     parser.add_argument(
@@ -57,6 +58,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=pathlib.Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--labels", type=pathlib.Path, default=None, help=argparse.SUPPRESS)
     add_species_arguments(parser)
+    add_threshold_arguments(parser)
     adaptation_arguments(parser, AdaptationConfig(buffer_capacity=5000, update_interval=128, min_buffer=64))
 
 
@@ -119,6 +121,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from dawnchorus.edge.audio import FileSource
     from dawnchorus.edge.recorder import Recorder, RecorderConfig
     from dawnchorus.models.backbone import Backbone, load_source_model
+    from dawnchorus.models.species import load_species_thresholds
     from dawnchorus.protocol import signing
     from dawnchorus.server.broker import EmbeddedBroker
 
@@ -132,8 +135,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
 
     groups = recorder_inputs(args.paths)
-    unknown_sites = [entry.partition("=")[0] for entry in args.site_species
-                     if entry.partition("=")[0] != args.site]
+    unknown_sites = [entry.site for entry in args.site_species if entry.site != args.site]
     if unknown_sites:
         raise ValueError(f"--site-species names site(s) {unknown_sites}, but the demo's recorders are all in "
                          f"site {args.site!r}: use --site-species {args.site}=... or --site")
@@ -154,6 +156,8 @@ def run_demo(args: argparse.Namespace) -> int:
     station = build_station(args, state_dir / "server", address, on_detection=feed, model=model,
                             signing_key=signing_key)
     site_head = model.head.select(station.species_for_site(args.site))
+    thresholds = load_species_thresholds(args.species_thresholds)
+    per_species = thresholds.resolve(model.head.labels) if thresholds is not None else {}
     _LOGGER.info("site %s: recorders start on the source head over %d classes", args.site, len(site_head.labels))
 
     recorders: list[Recorder] = []
@@ -176,7 +180,8 @@ def run_demo(args: argparse.Namespace) -> int:
             config = RecorderConfig(
                 device=_device_name(inputs, used), site=args.site, broker_host=address[0],
                 broker_port=address[1], state_dir=state_dir / "edge", min_conf=args.min_conf,
-                sensitivity=args.sensitivity, head_public_key=public_key, head_labels=list(site_head.labels),
+                sensitivity=args.sensitivity, species_thresholds=per_species, head_public_key=public_key,
+                head_labels=list(site_head.labels),
             )
             source = FileSource(inputs, overlap_s=args.overlap, speed=args.speed or None)
             recorder = Recorder(config, Backbone(model.backbone, num_threads=threads_per_recorder),

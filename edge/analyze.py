@@ -18,16 +18,19 @@ import logging
 import os
 import pathlib
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from dawnchorus.edge import audio
 from dawnchorus.edge.pipeline import InferencePipeline
+from dawnchorus.edge.progress import add_progress_argument, progress_bar
 from dawnchorus.models import birdnet
 from dawnchorus.models.backbone import Backbone, load_source_model
 from dawnchorus.models.head import LinearHead, sigmoid
-from dawnchorus.models.species import species_from_file
+from dawnchorus.models.species import (DEFAULT_RANGE_THRESHOLD, SpeciesListError, SpeciesSpec,
+                                       add_threshold_arguments, load_species_thresholds, range_threshold_argument,
+                                       species_spec_argument, threshold_vector)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -106,12 +109,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overlap", type=_ranged_float("--overlap", 0.0, audio.WINDOW_SECONDS, high_inclusive=False),
         default=0.0, help="overlap of consecutive 3 s windows in seconds, 0 to under 3 (default 0)",
     )
-    parser.add_argument(
+    species = parser.add_mutually_exclusive_group()
+    species.add_argument(
         "--species-file", type=pathlib.Path,
         help="text file with one label per line (Scientific name_Common name, or the "
         "scientific name alone; lines starting with # are ignored); only these species are "
         "reported, and an entry that matches no label is an error",
     )
+    species.add_argument(
+        "--species", type=species_spec_argument, metavar="SPEC",
+        help="only report these species: LAT,LON[,WEEK] (BirdNET's range model at that latitude, "
+        "longitude and week 1-48, or -1 for the whole year), @FILE or all; append +@FILE to add a "
+        "file's species and -@FILE to remove them",
+    )
+    parser.add_argument(
+        "--range-threshold", type=range_threshold_argument, default=DEFAULT_RANGE_THRESHOLD, metavar="SCORE",
+        help=f"range model occurrence threshold for --species (default {DEFAULT_RANGE_THRESHOLD}, as BirdNET)",
+    )
+    add_threshold_arguments(parser)
     parser.add_argument(
         "--model", type=pathlib.Path,
         help="another TFLite classifier (input [1, 144000] float32 at 48 kHz, ending in a "
@@ -130,6 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None,
         help="LiteRT threads (default: the number of cores, at most 4)",
     )
+    add_progress_argument(parser)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -184,11 +200,26 @@ def load_classifier(
     return backbone, model.head
 
 
-def _read_species_file(path: pathlib.Path, labels: Sequence[str]) -> list[str]:
+def _select_species(args: argparse.Namespace, head: LinearHead) -> tuple[LinearHead, dict[str, float]]:
+    """Cut ``head`` to the species of --species-file or --species and read --species-thresholds."""
+    # Thresholds are checked against every model label, as on a recorder, so that one
+    # thresholds file serves several species lists.
     try:
-        return species_from_file(path, labels)
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise AnalyzeError(f"--species-file {path}: {error}") from error
+        thresholds = load_species_thresholds(getattr(args, "species_thresholds", None))
+        per_species = thresholds.resolve(head.labels) if thresholds is not None else {}
+    except SpeciesListError as error:
+        raise AnalyzeError(f"--species-thresholds: {error}") from error
+
+    spec = SpeciesSpec(args.species_file) if args.species_file is not None else getattr(args, "species", None)
+    option = "--species-file" if args.species_file is not None else "--species"
+    if spec is not None:
+        range_model = birdnet.locate_birdnet_files().range_model if args.model is None else None
+        threshold = getattr(args, "range_threshold", DEFAULT_RANGE_THRESHOLD)
+        try:
+            head = head.select(spec.resolve(head.labels, range_model, threshold))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise AnalyzeError(f"{option} {args.species_file or spec}: {error}") from error
+    return head, per_species
 
 
 def _expected_windows(paths: Sequence[pathlib.Path], overlap_s: float) -> int | None:
@@ -199,15 +230,6 @@ def _expected_windows(paths: Sequence[pathlib.Path], overlap_s: float) -> int | 
         if duration_s is not None:
             total += audio.count_windows(round(duration_s * audio.SAMPLE_RATE), overlap_s)
     return total or None
-
-
-def _progress_bar(total: int | None):
-    """Return a tqdm bar on stderr, or None when stderr is not a terminal."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="window", file=sys.stderr)
 
 
 def _write_csv(path: pathlib.Path, detections: list[Detection]) -> None:
@@ -235,12 +257,17 @@ def analyze_files(
     min_confidence: float,
     sensitivity: float,
     progress=None,
+    species_thresholds: Mapping[str, float] | None = None,
 ) -> list[Detection]:
-    """Score every window of ``source`` and return the rows at or above ``min_confidence``, sorted."""
+    """Score every window of ``source`` and return the rows at or above their class's threshold, sorted.
+
+    A class's threshold is its entry in ``species_thresholds`` (keyed by label), else ``min_confidence``.
+    """
     detections: list[Detection] = []
+    thresholds = threshold_vector(pipeline.head.labels, min_confidence, species_thresholds or {})  # [K]
     for batch in pipeline.run(source):
         confidences = sigmoid(batch.logits, sensitivity)  # [windows, K] float64
-        rows, classes = np.nonzero(confidences >= min_confidence)
+        rows, classes = np.nonzero(confidences >= thresholds)
         for row, label_index in zip(rows.tolist(), classes.tolist()):
             window = batch.windows[row]
             detections.append(Detection(
@@ -266,8 +293,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         _validate(args)
         backbone, head = load_classifier(args.model, args.labels, args.threads)
-        if args.species_file is not None:
-            head = head.select(_read_species_file(args.species_file, head.labels))
+        head, per_species = _select_species(args, head)
     except AnalyzeError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
@@ -276,12 +302,13 @@ def run(args: argparse.Namespace) -> int:
     files = audio.find_audio_files(args.paths)
     source = audio.FileSource(files, overlap_s=args.overlap)
     pipeline = InferencePipeline(backbone, head, batch_size=args.batch_size)
-    progress = _progress_bar(_expected_windows(files, args.overlap))
+    enabled = getattr(args, "progress", True)
+    total = _expected_windows(files, args.overlap) if enabled else None
+    progress = progress_bar(total=total, unit="window", enabled=enabled)
     try:
-        detections = analyze_files(source, pipeline, args.min_conf, args.sensitivity, progress)
+        detections = analyze_files(source, pipeline, args.min_conf, args.sensitivity, progress, per_species)
     finally:
-        if progress is not None:
-            progress.close()
+        progress.close()
 
     print(
         f"analysed {source.files_read} file(s), {source.files_rejected} unreadable; "

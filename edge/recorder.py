@@ -32,6 +32,7 @@ from dawnchorus.edge.pipeline import InferencePipeline, ScoredBatch
 from dawnchorus.edge.uplink import DEFAULT_RECEIPT_TIMEOUT_S, Uplink
 from dawnchorus.models.backbone import Backbone
 from dawnchorus.models.head import HeadRunner, LinearHead, sigmoid
+from dawnchorus.models.species import threshold_vector
 from dawnchorus.protocol import topics
 from dawnchorus.protocol.embeddings import (REASON_IDS, REASON_LENGTH, EmbeddingBatch, PayloadError,
                                             encode_embeddings)
@@ -60,6 +61,8 @@ class RecorderConfig:
         state_dir: sequence counter, reference batch and head store live here.
         min_conf: detection threshold on sigmoid scores, 0 to 1.
         sensitivity: BirdNET sigmoid sensitivity, 0.5 to 1.5.
+        species_thresholds: detection thresholds that replace ``min_conf`` for
+            some classes, keyed by model label, each in (0, 1].
         windows_per_message: embeddings per MQTT message; a partial message is
             sent when the source pauses or ends.
         status_interval_s: seconds between retained status updates.
@@ -99,6 +102,7 @@ class RecorderConfig:
     state_dir: pathlib.Path = pathlib.Path("state")
     min_conf: float = 0.7
     sensitivity: float = 1.0
+    species_thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
     windows_per_message: int = 16
     status_interval_s: float = 30.0
     keepalive_s: int = 30
@@ -120,6 +124,9 @@ class RecorderConfig:
             raise ValueError(f"min_conf {self.min_conf} must be in (0, 1]")
         if not 0.5 <= self.sensitivity <= 1.5:
             raise ValueError(f"sensitivity {self.sensitivity} must be in [0.5, 1.5], as in BirdNET")
+        for label, threshold in self.species_thresholds.items():
+            if not 0.0 < threshold <= 1.0:
+                raise ValueError(f"threshold {threshold} of {label!r} must be in (0, 1]")
         if not 1 <= self.windows_per_message <= 256:
             raise ValueError(f"windows_per_message {self.windows_per_message} must be 1 to 256")
         if self.receipt_timeout_s <= 0:
@@ -181,6 +188,7 @@ class Recorder:
         self._acked_head: HeadRunner | None = None
         self._last_status = 0.0
         self._unsent: list[tuple[Window, np.ndarray, int]] = []
+        self._thresholds: tuple[HeadRunner, np.ndarray] | None = None
 
         self._client = self._make_client()
         self._uplink = Uplink(
@@ -359,9 +367,17 @@ class Recorder:
                                                          "", self._now()).encode())
         self._publish_status()
 
+    def _class_thresholds(self, head: HeadRunner) -> np.ndarray:
+        """Return the detection threshold of each of ``head``'s classes [K], computed once per head."""
+        if self._thresholds is None or self._thresholds[0] is not head:
+            vector = threshold_vector(head.labels, self.config.min_conf, self.config.species_thresholds)
+            self._thresholds = (head, vector)
+        return self._thresholds[1]
+
     def _handle_batch(self, batch: ScoredBatch) -> None:
         version = int(batch.head.version)
         scores = sigmoid(batch.logits, self.config.sensitivity)
+        thresholds = self._class_thresholds(batch.head)
         self.counters["windows"] += len(batch.windows)
         try:
             sequence = self._outbox.allocate_sequence(len(batch.windows))
@@ -375,7 +391,7 @@ class Recorder:
 
         detections = []
         for row, (window, seq) in enumerate(zip(batch.windows, sequence)):
-            for column in np.flatnonzero(scores[row] >= self.config.min_conf):
+            for column in np.flatnonzero(scores[row] >= thresholds):
                 detections.append(Detection(
                     self.config.device, self.config.site, int(seq), window.start_time + offset,
                     window.start_time + offset + 3.0, batch.head.labels[column],

@@ -8,6 +8,7 @@ import pathlib
 import sys
 
 from dawnchorus.edge.audio import AudioError
+from dawnchorus.edge.progress import add_progress_argument
 from dawnchorus.evaluation.domains import DomainSpecError, build_domain, load_spec
 
 from dawnchorus.models.birdnet import default_cache_dir
@@ -24,13 +25,14 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of built domains (default: %(default)s)")
     parser.add_argument("--data-root", type=pathlib.Path, default=None,
                         help="root of the paths in the spec (default: ../shared/data beside the repository)")
+    add_progress_argument(parser)
 
 
 def run_build(args: argparse.Namespace) -> int:
     """Build the domain of ``args.spec``, print a summary and return the exit status."""
     try:
         spec = load_spec(args.spec)
-        folder = build_domain(spec, args.cache, args.data_root)
+        folder = build_domain(spec, args.cache, args.data_root, progress=getattr(args, "progress", True))
     except (DomainSpecError, AudioError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

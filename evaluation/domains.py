@@ -51,6 +51,7 @@ import numpy as np
 import scipy.signal
 
 from dawnchorus.edge.audio import AudioError, read_audio
+from dawnchorus.edge.progress import progress_bar
 from dawnchorus.models import birdnet
 from dawnchorus.models.species import Location, SpeciesListError, species_from_range_model
 
@@ -697,13 +698,23 @@ def _load_models() -> _Models:
     return _Models(Backbone(source.backbone), source.head, hashlib.sha256(source.backbone).hexdigest())
 
 
-def _embed(models: _Models, windows: Sequence[np.ndarray] | Callable[[int], np.ndarray], count: int) -> np.ndarray:
-    """Embed ``count`` windows, given as a list or a function of the index, in batches: [count, 1024] float32."""
+def _embed(models: _Models, windows: Sequence[np.ndarray] | Callable[[int], np.ndarray], count: int,
+           progress=None) -> np.ndarray:
+    """Embed ``count`` windows, given as a list or a function of the index, in batches: [count, 1024] float32.
+
+    ``progress`` is a bar from ``progress_bar``, advanced per batch and closed at the end.
+    """
     get = windows if callable(windows) else windows.__getitem__
     embeddings = np.zeros((count, 1024), dtype=np.float32)
-    for start in range(0, count, _EMBED_BATCH):
-        stop = min(count, start + _EMBED_BATCH)
-        embeddings[start:stop] = models.backbone.embed(np.stack([get(i) for i in range(start, stop)]))
+    try:
+        for start in range(0, count, _EMBED_BATCH):
+            stop = min(count, start + _EMBED_BATCH)
+            embeddings[start:stop] = models.backbone.embed(np.stack([get(i) for i in range(start, stop)]))
+            if progress is not None:
+                progress.update(stop - start)
+    finally:
+        if progress is not None:
+            progress.close()
     return embeddings
 
 
@@ -716,7 +727,8 @@ class _Candidate:
 
 
 def _screen_backgrounds(spec: DomainSpec, backgrounds: list[BackgroundFile], focal_labels: list[str],
-                        audio: _AudioCache, models: _Models, cache: pathlib.Path) -> tuple[list[_Candidate], dict]:
+                        audio: _AudioCache, models: _Models, cache: pathlib.Path,
+                        progress: bool = True) -> tuple[list[_Candidate], dict]:
     """Cut backgrounds into candidate windows, score them with the source model, drop those with focal species."""
     hop = round(spec.screening.hop_seconds * SAMPLE_RATE)
     offsets: list[tuple[BackgroundFile, int]] = []
@@ -740,7 +752,8 @@ def _screen_backgrounds(spec: DomainSpec, backgrounds: list[BackgroundFile], foc
     else:
         _LOGGER.info("screening %d background windows for %d focal species", len(offsets), len(focal_labels))
         embeddings = _embed(models, lambda i: audio(offsets[i][0].file)[offsets[i][1]:offsets[i][1] + WINDOW_SAMPLES],
-                            len(offsets))
+                            len(offsets), progress_bar(total=len(offsets), unit="window",
+                                                       description=f"{spec.name}: screening", enabled=progress))
         logits = models.head.select(focal_labels).logits(embeddings)
         scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
         np.savez(cached, scores=scores)
@@ -1059,11 +1072,13 @@ def _spec_digest(spec: DomainSpec) -> str:
     return hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
 
 
-def build_domain(spec: DomainSpec, cache_dir: str | pathlib.Path, data_root: str | pathlib.Path | None = None) -> pathlib.Path:
+def build_domain(spec: DomainSpec, cache_dir: str | pathlib.Path, data_root: str | pathlib.Path | None = None,
+                 progress: bool = True) -> pathlib.Path:
     """Build a domain into ``<cache_dir>/<name>/``: manifest, embeddings, classes, stats.
 
     Embeddings are reused when the manifest's sha256 is unchanged, and the
     background screening scores when the background windows and focal species are.
+    ``progress`` shows a bar on a terminal while windows are embedded.
 
     Returns:
         The domain's cache folder.
@@ -1096,7 +1111,7 @@ def build_domain(spec: DomainSpec, cache_dir: str | pathlib.Path, data_root: str
             raise _fail("focal", "no focal clip has a BirdNET label", "check the focal folders and formats")
         focal_labels = sorted({clip.label for clip in clips})
         candidates, stats["screening"] = _screen_backgrounds(spec, list_backgrounds(spec, root), focal_labels,
-                                                             audio, models, folder)
+                                                             audio, models, folder, progress)
         if not candidates:
             raise _fail("screening.threshold", "every background window was dropped",
                         "raise the threshold or add backgrounds")
@@ -1112,7 +1127,9 @@ def build_domain(spec: DomainSpec, cache_dir: str | pathlib.Path, data_root: str
         embeddings = np.load(embeddings_path)
         _LOGGER.info("%s: reusing %s", spec.name, embeddings_path.name)
     else:
-        embeddings = _embed(models, lambda i: _render(entries[i], audio), len(entries))
+        embeddings = _embed(models, lambda i: _render(entries[i], audio), len(entries),
+                            progress_bar(total=len(entries), unit="window", description=f"{spec.name}: embedding",
+                                         enabled=progress))
         np.save(embeddings_path, embeddings)
 
     classes = _domain_classes(spec, all_labels, labeled)
@@ -1143,17 +1160,18 @@ def read_manifest(folder: str | pathlib.Path) -> list[dict[str, Any]]:
 
 
 def load_domain(spec_path: str | pathlib.Path | DomainSpec, cache_dir: str | pathlib.Path,
-                data_root: str | pathlib.Path | None = None) -> Domain:
+                data_root: str | pathlib.Path | None = None, progress: bool = True) -> Domain:
     """Load a domain from the cache, building it first when missing or built from another spec.
 
-    ``spec_path`` is a spec file or an already parsed spec.
+    ``spec_path`` is a spec file or an already parsed spec. ``progress`` shows
+    a bar on a terminal while a build embeds windows.
     """
     spec = spec_path if isinstance(spec_path, DomainSpec) else load_spec(spec_path)
     folder = pathlib.Path(cache_dir) / spec.name
     stats_path = folder / "stats.json"
     stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
     if stats.get("spec_digest") != _spec_digest(spec) or not (folder / stats.get("embeddings_file", "-")).is_file():
-        build_domain(spec, cache_dir, data_root)
+        build_domain(spec, cache_dir, data_root, progress=progress)
         stats = json.loads(stats_path.read_text(encoding="utf-8"))
 
     entries = read_manifest(folder)

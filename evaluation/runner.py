@@ -36,6 +36,7 @@ QUICK_CHUNK = 64
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``dawnchorus bench run``."""
+    from dawnchorus.edge.progress import add_progress_argument
     from dawnchorus.evaluation import METHOD_NAMES as METHODS
     from dawnchorus.evaluation.cli import DEFAULT_CACHE
 
@@ -56,6 +57,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_WINDOWS} windows per mixed domain and {QUICK_EPOCHS} epochs: "
                              "a smoke run for CI, not a result")
+    add_progress_argument(parser)
 
 
 def load_hyperparameters(path: pathlib.Path | None) -> dict[str, dict[str, Any]]:
@@ -116,8 +118,7 @@ def score_run(result, domain, threshold: float) -> dict[str, Any]:
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run every (domain, method, seed) of ``args`` and return the results document."""
-    from tqdm import tqdm
-
+    from dawnchorus.edge.progress import progress_bar
     from dawnchorus.evaluation.domains import load_domain, load_spec
     from dawnchorus.evaluation.methods import adapt
     from dawnchorus.models.backbone import load_source_model
@@ -127,14 +128,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     domains = []
     for path in args.domain:
         spec = load_spec(path)
-        domains.append(load_domain(_quick_spec(spec) if args.quick else spec, args.cache, args.data_root))
+        domains.append(load_domain(_quick_spec(spec) if args.quick else spec, args.cache, args.data_root,
+                                   progress=getattr(args, "progress", True)))
 
     results: dict[str, Any] = {"domains": {}, "settings": {
         "quick": bool(args.quick), "threshold": args.threshold, "seeds": args.seeds,
         "hyperparameters": {method: method_settings(tables, method, args.quick) for method in args.methods},
     }}
     tasks = [(domain, method, seed) for domain in domains for method in args.methods for seed in range(args.seeds)]
-    progress = tqdm(tasks, desc="bench", unit="run", disable=not sys.stderr.isatty())
+    progress = progress_bar(tasks, total=len(tasks), description="bench", unit="run", enabled=getattr(args, "progress", True))
     for domain, method, seed in progress:
         progress.set_postfix_str(f"{domain.name} {method} seed {seed}")
         head = source.head.select(domain.classes)
