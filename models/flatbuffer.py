@@ -8,7 +8,7 @@ this module reads the few tables it needs itself and cuts the final layer by
 patching bytes in place: a flatbuffer locates each object by offsets, so
 shortening a vector or overwriting a scalar leaves every other object valid.
 
-Field numbers follow TFLite's ``schema.fbs``. A table's vtable holds the
+Field numbers follow TFLite's ``schema.fbs``. A table's vtable contains the
 offset of field ``n`` at byte ``4 + 2 * n``, and the generated code calls that
 number the slot.
 """
@@ -160,8 +160,8 @@ class TFLiteFile:
         table = self._table(self._vector_table_position(self._subgraph, _SUBGRAPH_OPERATORS, index))
         opcode_index = self._scalar(table, _OPERATOR_OPCODE_INDEX, types.Uint32Flags, 0)
         code = self._table(self._vector_table_position(self._model, _MODEL_OPERATOR_CODES, opcode_index))
-        # Since schema version 3a the code sits in builtin_code, and older files keep it in the
-        # int8 deprecated_builtin_code; a reader takes the larger of the two, as TFLite's own does.
+        # Newer files store the code in builtin_code and older ones only in the int8
+        # deprecated_builtin_code, so the larger of the two is the code.
         builtin_code = max(self._scalar(code, _OPERATOR_CODE_BUILTIN, types.Int32Flags, 0),
                            self._scalar(code, _OPERATOR_CODE_DEPRECATED_BUILTIN, types.Int8Flags, 0))
         return OperatorInfo(builtin_code, self._int32_vector(table, _OPERATOR_INPUTS),
