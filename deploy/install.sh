@@ -118,6 +118,7 @@ detect_platform() {
 
 PLATFORM_LINE=$(detect_platform)
 PLATFORM=${PLATFORM_LINE%%|*}
+# shellcheck source=/dev/null
 OS_NAME=$(. /etc/os-release 2>/dev/null && echo "${PRETTY_NAME:-unknown}" || echo unknown)
 log "platform: $PLATFORM (${PLATFORM_LINE#*|}; $(uname -m); $OS_NAME)"
 if [ "$PLATFORM" = other ]; then
@@ -194,7 +195,7 @@ log "installing dawnchorus[$EXTRA] from $SOURCE into $VENV"
 if [ "$EXTRA" = edge-tflite-runtime ]; then
     run_pip uninstall --yes ai-edge-litert
 fi
-run_pip install --quiet "$SOURCE[$EXTRA]"
+run_pip install --quiet "${SOURCE}[${EXTRA}]"
 
 "$VENV/bin/dawnchorus" --version >/dev/null || die "$VENV/bin/dawnchorus does not run"
 runtime_line=$("$VENV/bin/python" -c 'from dawnchorus.models.runtime import describe_runtime; print(describe_runtime())')
@@ -223,7 +224,8 @@ if [ "$SYSTEM" = 1 ]; then
     if [ "$FETCH_MODEL" = 1 ]; then
         log "fetching the BirdNET model files into $MODEL_CACHE"
         install -d -o "$SERVICE_USER" -g "$SERVICE_USER" -m 0750 "$MODEL_CACHE"
-        runuser -u "$SERVICE_USER" -- env DAWNCHORUS_CACHE="$MODEL_CACHE" "$VENV/bin/python" -c \
+        # The service user has no home, so pip keeps no cache of its own.
+        runuser -u "$SERVICE_USER" -- env DAWNCHORUS_CACHE="$MODEL_CACHE" PIP_NO_CACHE_DIR=1 "$VENV/bin/python" -c \
             'from dawnchorus.models.birdnet import locate_birdnet_files; print(locate_birdnet_files().model)' >/dev/null
     fi
 
