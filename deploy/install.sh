@@ -22,6 +22,11 @@
 #                only the virtual environment and the units, written to
 #                PREFIX/systemd with PREFIX's paths, are made. For tests and
 #                for trying the installation as an ordinary user.
+#   --detect-only  log the platform and exit.
+#
+# Environment: DAWNCHORUS_DEVICE_TREE_MODEL and DAWNCHORUS_TEGRA_RELEASE
+# replace /proc/device-tree/model and /etc/nv_tegra_release, which the
+# platform is detected from (for tests).
 #
 # What it does, in system mode:
 #   apt: python3-venv, and libportaudio2 for a recorder's microphone
@@ -51,6 +56,9 @@ MODEL_CACHE=/var/cache/dawnchorus
 # The paths that the units in deploy/systemd name, replaced by this installation's.
 UNIT_PREFIX=/opt/dawnchorus
 UNIT_CONFIG_DIR=/etc/dawnchorus
+DETECT_ONLY=0
+DEVICE_TREE_MODEL=${DAWNCHORUS_DEVICE_TREE_MODEL:-/proc/device-tree/model}
+TEGRA_RELEASE=${DAWNCHORUS_TEGRA_RELEASE:-/etc/nv_tegra_release}
 
 log() {
     echo "install.sh: $*" >&2
@@ -74,6 +82,7 @@ while [ $# -gt 0 ]; do
         --prefix) PREFIX=${2:?--prefix needs a folder}; shift 2 ;;
         --no-model) FETCH_MODEL=0; shift ;;
         --no-system) SYSTEM=0; shift ;;
+        --detect-only) DETECT_ONLY=1; shift ;;
         -h|--help) usage ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -90,25 +99,16 @@ esac
 if [ "$ROLE" = base-station ] && [ "$RUNTIME" = tflite-runtime ]; then
     die "--runtime tflite-runtime is for recorders only: a base station needs TensorFlow, which runs heads itself"
 fi
-mkdir -p "$PREFIX"
-PREFIX=$(cd "$PREFIX" && pwd)
-VENV="$PREFIX/venv"
-if [ "$SYSTEM" = 0 ]; then
-    CONFIG_DIR="$PREFIX/etc/dawnchorus"
-    UNIT_DIR="$PREFIX/systemd"
-elif [ "$(id -u)" != 0 ]; then
-    die "the system steps need root: run with sudo, or add --no-system --prefix DIR to install only the virtual environment and the units"
-fi
 
 # Platform ------------------------------------------------------------------
 
 detect_platform() {
     local model=""
-    if [ -r /proc/device-tree/model ]; then
-        model=$(tr -d '\0' </proc/device-tree/model)
+    if [ -r "$DEVICE_TREE_MODEL" ]; then
+        model=$(tr -d '\0' <"$DEVICE_TREE_MODEL")
     fi
-    if [ -e /etc/nv_tegra_release ] || [[ "$model" == *Jetson* ]]; then
-        echo "jetson|${model:-NVIDIA Jetson ($(head -n 1 /etc/nv_tegra_release 2>/dev/null))}"
+    if [ -e "$TEGRA_RELEASE" ] || [[ "$model" == *Jetson* ]]; then
+        echo "jetson|${model:-NVIDIA Jetson ($(head -n 1 "$TEGRA_RELEASE" 2>/dev/null))}"
     elif [[ "$model" == *"Raspberry Pi"* ]]; then
         echo "raspberry-pi|$model"
     else
@@ -121,8 +121,22 @@ PLATFORM=${PLATFORM_LINE%%|*}
 # shellcheck source=/dev/null
 OS_NAME=$(. /etc/os-release 2>/dev/null && echo "${PRETTY_NAME:-unknown}" || echo unknown)
 log "platform: $PLATFORM (${PLATFORM_LINE#*|}; $(uname -m); $OS_NAME)"
+if [ "$DETECT_ONLY" = 1 ]; then
+    exit 0
+fi
 if [ "$PLATFORM" = other ]; then
     log "not a Raspberry Pi or a Jetson: installing as on any Linux machine"
+fi
+
+if [ "$SYSTEM" = 1 ] && [ "$(id -u)" != 0 ]; then
+    die "the system steps need root: run with sudo, or add --no-system --prefix DIR to install only the virtual environment and the units"
+fi
+mkdir -p "$PREFIX"
+PREFIX=$(cd "$PREFIX" && pwd)
+VENV="$PREFIX/venv"
+if [ "$SYSTEM" = 0 ]; then
+    CONFIG_DIR="$PREFIX/etc/dawnchorus"
+    UNIT_DIR="$PREFIX/systemd"
 fi
 
 # System packages and the service user ------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -114,6 +115,31 @@ def test_install_writes_units_that_verify(recorder_install):
     assert f"ExecStart={prefix}/venv/bin/dawnchorus edge run --config {prefix}/etc/dawnchorus/recorder.toml" in text
     assert (prefix / "etc" / "dawnchorus" / "recorder.env").is_file()
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("model, tegra_release, platform", [
+    ("Raspberry Pi 4 Model B Rev 1.5", False, "raspberry-pi (Raspberry Pi 4 Model B Rev 1.5;"),
+    ("Raspberry Pi 5 Model B Rev 1.0", False, "raspberry-pi (Raspberry Pi 5 Model B Rev 1.0;"),
+    ("NVIDIA Jetson Orin Nano Developer Kit", False, "jetson (NVIDIA Jetson Orin Nano Developer Kit;"),
+    (None, True, "jetson (NVIDIA Jetson (# R36 (release), REVISION: 4.0);"),
+    (None, False, "other (no device-tree model;"),
+    ("Pine64 RockPro64 v2.1", False, "other (Pine64 RockPro64 v2.1;"),
+])
+def test_install_detects_platform(tmp_path, model, tegra_release, platform):
+    environment = dict(os.environ, DAWNCHORUS_DEVICE_TREE_MODEL=str(tmp_path / "model"),
+                       DAWNCHORUS_TEGRA_RELEASE=str(tmp_path / "nv_tegra_release"))
+    if model is not None:
+        # The device tree stores the model NUL-terminated.
+        (tmp_path / "model").write_bytes(model.encode() + b"\0")
+    if tegra_release:
+        (tmp_path / "nv_tegra_release").write_text("# R36 (release), REVISION: 4.0\n")
+
+    process = subprocess.run(["bash", str(INSTALL), "--detect-only", "--no-system", "--prefix", str(tmp_path / "prefix")],
+                             capture_output=True, text=True, timeout=60, env=environment)
+
+    assert process.returncode == 0, process.stderr
+    assert f"install.sh: platform: {platform}" in process.stderr
+    assert not (tmp_path / "prefix").exists()
 
 
 @pytest.mark.parametrize("arguments, message", [
