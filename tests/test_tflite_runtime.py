@@ -197,3 +197,50 @@ def test_tflite_runtime_rejects_int8_head(tflite_runtime_venv, tmp_path):
     assert "error" in result, result
     assert "int8" in result["error"]
     assert "fp32 or fp16" in result["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_recorder_on_tflite_runtime_applies_signed_head(tflite_runtime_venv, observer, mosquitto, tmp_path):
+    import hashlib
+    import time
+
+    from dawnchorus.models.export import head_to_tflite
+    from dawnchorus.models.head import TFLiteHead
+    from dawnchorus.protocol import topics
+    from dawnchorus.protocol.messages import Manifest
+    from dawnchorus.protocol.signing import generate_key_files, load_private_key, sign_manifest
+
+    site, device = "tflite-site", "rec-tflite"
+    head = _site_head(40)
+    blob = head_to_tflite(head, "fp16")
+    private_path, public_path = generate_key_files(tmp_path / "keys")
+    species = tmp_path / "species.txt"
+    species.write_text("\n".join(head.labels) + "\n")
+    # The base station computes the probe logits on LiteRT; the recorder checks them on tflite-runtime.
+    probe = np.random.default_rng(1).random((4, 1024), dtype=np.float32).astype(np.float16).astype(np.float32)
+    manifest = sign_manifest(Manifest(
+        site=site, version=1, parent=0, labels=head.labels, sha256=hashlib.sha256(blob).hexdigest(), size=len(blob),
+        precision="fp16", blob_topic=topics.blob_topic(site, 1), created=time.time(), probe_embeddings=probe,
+        probe_logits=TFLiteHead(blob, head.labels, 1).logits(probe), sequence=1,
+    ), load_private_key(private_path))
+
+    log_path = tmp_path / "recorder.log"
+    with open(log_path, "w") as log:
+        recorder = subprocess.Popen([
+            tflite_runtime_venv / "dawnchorus", "edge", "run", "--device", device, "--site", site, "--broker",
+            mosquitto.address, "--input", str(SOUNDSCAPE), "--speed", "0", "--stay", "--species-file", str(species),
+            "--head-public-key", str(public_path), "--state-dir", str(tmp_path / "edge"),
+        ], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        online = observer.wait_online(device)
+        ack = observer.push(manifest.encode(), manifest.blob_topic, blob, site, device) if online else None
+        embeddings_received = observer.wait_for(lambda: observer.embedding_versions.get(device), 60)
+    finally:
+        recorder.terminate()
+        recorder.wait(timeout=60)
+
+    assert online, log_path.read_text()[-3000:]
+    assert ack.accepted, ack.reason
+    assert "TFLite runtime: tflite-runtime 2.14" in log_path.read_text()
+    assert embeddings_received, log_path.read_text()[-3000:]
