@@ -65,9 +65,10 @@ def describe_runtime() -> str:
 def check_runtime_supports(model_content: bytes) -> None:
     """Raise ValueError if the chosen runtime cannot run this model.
 
-    tflite-runtime 2.14 loads fp32 and fp16 heads but not heads with
-    per-channel int8 weights, and fails on them with an unclear message at
-    allocation or invocation, so they are rejected here first.
+    tflite-runtime 2.14 loads fp32 and fp16 heads but not heads with int8
+    weights. On a dynamic-range int8 head from TensorFlow 2.21's converter it
+    fails with "Didn't find op for builtin opcode 'FULLY_CONNECTED' version
+    '12'", which does not name the fix, so such heads are rejected here first.
     """
     if runtime_name() != TFLITE_RUNTIME:
         return
@@ -80,7 +81,8 @@ def check_runtime_supports(model_content: bytes) -> None:
     quantised = [tensor.name for tensor in tensors if tensor.type in (_INT8, _UINT8)]
     if quantised:
         raise ValueError(
-            f"the model has int8 tensors ({', '.join(quantised[:3])}), which tflite-runtime 2.14 cannot run: "
+            f"the model has int8 or uint8 tensors ({', '.join(quantised[:3])}), which tflite-runtime 2.14 "
+            "cannot run: "
             "export heads as fp32 or fp16 (server run --precision), or install ai-edge-litert on this recorder"
         )
 
