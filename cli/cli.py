@@ -10,6 +10,8 @@ import signal
 import sys
 import threading
 
+from dawnchorus.systemd_notify import ServiceNotifier
+
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -270,6 +272,10 @@ def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "pushed heads must be signed with its private key. Without it the recorder runs "
                              "the source head and rejects every pushed head")
 
+    parser.add_argument("--stall-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="under systemd with WatchdogSec=, stop the watchdog pings once no window was analysed "
+                             "for this long, so that systemd restarts the recorder (default %(default)s)")
+
     parser.add_argument("--windows-per-message", type=int, default=RecorderConfig.windows_per_message,
                         metavar="N", help="embeddings per MQTT message, 1 to 256 (default %(default)s)")
 
@@ -320,6 +326,8 @@ def run_edge(args: argparse.Namespace) -> int:
     from dawnchorus.models.backbone import Backbone, load_source_model
     from dawnchorus.protocol.signing import load_public_key
 
+    if not args.stall_timeout > 0:
+        raise ValueError(f"--stall-timeout {args.stall_timeout} is invalid: use a number of seconds above 0")
     username, password = mqtt_credentials(args)
     tls = mqtt_tls(args)
     public_key = load_public_key(args.head_public_key) if args.head_public_key is not None else None
@@ -356,10 +364,13 @@ def run_edge(args: argparse.Namespace) -> int:
             _LOGGER.exception("recorder %s failed", config.device)
             failures.append(error)
 
+    notifier = ServiceNotifier(f"recorder {config.device}", lambda: recorder.health(args.stall_timeout))
     runner = threading.Thread(target=run_recorder, name="recorder", daemon=True)
     runner.start()
+    notifier.ready(f"site {config.site}, broker {config.broker_host}:{config.broker_port}")
 
     def stop():
+        notifier.stopping()
         recorder.stop()
         if isinstance(source, MicrophoneSource):
             source.close()
@@ -472,8 +483,11 @@ def run_server(args: argparse.Namespace) -> int:
                             tls=mqtt_tls(args))
     web = start_web_server(station, args.http) if args.http is not None else None
     station.start()
+    notifier = ServiceNotifier("base station", station.health)
+    notifier.ready(f"broker {args.broker[0]}:{args.broker[1]}")
 
     def stop():
+        notifier.stopping()
         if web is not None:
             web.stop()
         station.stop()

@@ -187,6 +187,9 @@ class Recorder:
         self._pending_manifest: Manifest | None = None
         self._acked_head: HeadRunner | None = None
         self._last_status = 0.0
+        # Monotonic time of the main loop's last batch or idle tick, for the service watchdog.
+        self._last_progress = time.monotonic()
+        self._staying = False
         self._unsent: list[tuple[Window, np.ndarray, int]] = []
         self._thresholds: tuple[HeadRunner, np.ndarray] | None = None
 
@@ -444,6 +447,21 @@ class Recorder:
 
     # Lifecycle ------------------------------------------------------------
 
+    def health(self, stall_s: float) -> str | None:
+        """Return None while audio is analysed and the uplink runs, else what is stuck (for the watchdog).
+
+        Args:
+            stall_s: seconds without a scored window (or, after a replay with
+                ``stay_after_source``, without a tick of the idle loop) that count as stuck.
+        """
+        loop_running = not self.finished.is_set() or self._staying
+        idle_s = time.monotonic() - self._last_progress
+        if loop_running and idle_s > stall_s:
+            return (f"recorder {self.config.device}: no window was analysed for {idle_s:.0f} s "
+                    "(audio capture or inference is stuck)")
+        uplink = self._uplink.health(stall_s)
+        return None if uplink is None else f"recorder {self.config.device}: {uplink}"
+
     def stop(self) -> None:
         """Ask ``run`` to return after the current batch."""
         self._stop.set()
@@ -454,8 +472,11 @@ class Recorder:
         _LOGGER.info("recorder %s starting: site %s, head v%d, broker %s:%d", config.device, config.site,
                      self.head_version, config.broker_host, config.broker_port)
         self._uplink.start()
+        self._staying = stay_after_source
+        self._last_progress = time.monotonic()
         try:
             for batch in self.pipeline.run(self._source):
+                self._last_progress = time.monotonic()
                 self._handle_batch(batch)
                 self._acknowledge_if_swapped()
                 if time.monotonic() - self._last_status > config.status_interval_s:
@@ -471,6 +492,7 @@ class Recorder:
                 self._drain()
 
             while stay_after_source and not self._stop.wait(0.2):
+                self._last_progress = time.monotonic()
                 self.pipeline.apply_pending_head()
                 self._acknowledge_if_swapped()
                 if time.monotonic() - self._last_status > config.status_interval_s:

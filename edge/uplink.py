@@ -155,6 +155,9 @@ class Uplink:
         self._puback_order = 0
         self._last_confirmation = time.monotonic()
         self._last_probe = 0.0
+        # Monotonic times at which the network and sender threads last went round their loops.
+        self._network_beat = time.monotonic()
+        self._sender_beat = time.monotonic()
 
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -176,6 +179,21 @@ class Uplink:
             self._wake.set()
             time.sleep(0.1)
         return True
+
+    def health(self, stall_s: float) -> str | None:
+        """Return None while both threads run and go round their loops, else what is stuck.
+
+        A broker that cannot be reached is no fault here: the network thread
+        still goes round its backoff loop, and the outbox keeps the data.
+        """
+        now = time.monotonic()
+        for thread in self._threads:
+            if not thread.is_alive() and not self._stopping.is_set():
+                return f"the MQTT thread {thread.name} has ended"
+        for label, beat in (("network", self._network_beat), ("outbox sender", self._sender_beat)):
+            if self._threads and now - beat > stall_s:
+                return f"the MQTT {label} thread has made no progress for {now - beat:.0f} s"
+        return None
 
     def publish_now(self, topic: str, payload: bytes, retain: bool = False, when_offline: bool = True) -> None:
         """Publish at QoS 1 outside the outbox (status, acks).
@@ -248,9 +266,15 @@ class Uplink:
             delay = self._backoff.next_delay()
             _LOGGER.info("recorder %s: reconnecting in %.1f s (attempt %d)", self._name, delay,
                          self._backoff.attempts)
-            self._stopping.wait(delay)
+            # Waited in slices, so that the watchdog finds the thread alive through a long delay.
+            resume = time.monotonic() + delay
+            while not self._stopping.wait(max(0.0, min(1.0, resume - time.monotonic()))):
+                self._network_beat = time.monotonic()
+                if time.monotonic() >= resume:
+                    break
 
     def _connect_and_loop(self) -> None:
+        self._network_beat = time.monotonic()
         if self._on_connecting is not None:
             self._on_connecting(self._client)
         try:
@@ -265,6 +289,7 @@ class Uplink:
         disconnect_sent = False
         rc = mqtt.MQTT_ERR_SUCCESS
         while rc == mqtt.MQTT_ERR_SUCCESS:
+            self._network_beat = time.monotonic()
             if self._sender_done.is_set() and not disconnect_sent:
                 self._client.disconnect()
                 disconnect_sent = True
@@ -276,6 +301,7 @@ class Uplink:
         # Entries handed to paho, by message id, in queue order.
         in_flight: dict[int, OutboxEntry] = {}
         while not self._stopping.is_set():
+            self._sender_beat = time.monotonic()
             self._wake.wait(0.5)
             self._wake.clear()
             try:

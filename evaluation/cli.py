@@ -7,10 +7,7 @@ import json
 import pathlib
 import sys
 
-from dawnchorus.edge.audio import AudioError
 from dawnchorus.edge.progress import add_progress_argument
-from dawnchorus.evaluation.domains import DomainSpecError, build_domain, load_spec
-
 from dawnchorus.models.birdnet import default_cache_dir
 
 # Built domains sit beside the BirdNET model files; a build of the two mixed
@@ -30,6 +27,11 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Build the domain of ``args.spec``, print a summary and return the exit status."""
+    # Imported here because the domains need scipy, which a recorder's edge-only install lacks,
+    # and the ``dawnchorus`` parser imports this module for every command.
+    from dawnchorus.edge.audio import AudioError
+    from dawnchorus.evaluation.domains import DomainSpecError, build_domain, load_spec
+
     try:
         spec = load_spec(args.spec)
         folder = build_domain(spec, args.cache, args.data_root, progress=getattr(args, "progress", True))

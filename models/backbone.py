@@ -62,9 +62,22 @@ def _buffer_array(model, tensor_index: int) -> np.ndarray:
 
 
 def split_model(model_bytes: bytes) -> SplitModel:
-    """Cut a single-output TFLite classifier before its final FULLY_CONNECTED layer."""
+    """Cut a single-output TFLite classifier before its final FULLY_CONNECTED layer.
+
+    With LiteRT installed, the model is unpacked with its schema module and
+    written anew without the head's weights. Under tflite-runtime, which ships
+    no schema, the same cut is patched into the bytes in place (see
+    ``models.flatbuffer``), and the head's weights stay in the file unused.
+    """
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        return _split_in_place(model_bytes)
+    return _split_with_schema(model_bytes, schema)
+
+
+def _split_with_schema(model_bytes: bytes, schema) -> SplitModel:
     import flatbuffers
-    from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model_bytes, 0))
     subgraph = model.subgraphs[0]
@@ -94,6 +107,50 @@ def split_model(model_bytes: bytes) -> SplitModel:
     builder = flatbuffers.Builder(len(model_bytes))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return SplitModel(bytes(builder.Output()), weights, bias, embedding_tensor)
+
+
+def _split_in_place(model_bytes: bytes) -> SplitModel:
+    from dawnchorus.models.flatbuffer import FlatbufferError, TFLiteFile
+
+    try:
+        model = TFLiteFile(model_bytes)
+        outputs = model.outputs
+        if len(outputs) != 1:
+            raise ModelLayoutError(f"model has {len(outputs)} outputs, expected 1")
+        producers = [index for index in range(model.operator_count) if outputs[0] in model.operator(index).outputs]
+        last = model.operator(producers[0]) if producers else None
+        if last is None or last.builtin_code != _FULLY_CONNECTED:
+            raise ModelLayoutError("the model's output is not produced by a FULLY_CONNECTED operator")
+        if len(last.inputs) < 3 or last.inputs[2] < 0:
+            raise ModelLayoutError("the final FULLY_CONNECTED operator has no bias")
+
+        embedding_tensor, weights_tensor, bias_tensor = last.inputs[:3]
+        weights = _constant_array(model, weights_tensor)
+        bias = _constant_array(model, bias_tensor)
+
+        # NOTE: the head's weights stay in the patched bytes, unreferenced: BirdNET's backbone is then
+        # 52 MB instead of 25 MB, which a recorder on tflite-runtime holds in memory.
+        model.remove_operator(producers[0])
+        model.set_single_output(embedding_tensor)
+        for index in (weights_tensor, bias_tensor):
+            model.detach_buffer(index)
+        model.clear_signature_defs()
+    except FlatbufferError as error:
+        raise ModelLayoutError(str(error)) from error
+    return SplitModel(bytes(model.data), weights, bias, embedding_tensor)
+
+
+def _constant_array(model, tensor_index: int) -> np.ndarray:
+    tensor = model.tensor(tensor_index)
+    if tensor.type != _FLOAT32:
+        raise ModelLayoutError(
+            f"tensor {tensor_index} ({tensor.name!r}) has TFLite type {tensor.type}, expected "
+            "float32: use a float32 model, not a quantised one"
+        )
+    data = model.buffer_data(tensor.buffer)
+    if not data:
+        raise ModelLayoutError(f"tensor {tensor_index} ({tensor.name!r}) has no constant data")
+    return np.frombuffer(data, dtype=np.float32).reshape(tensor.shape).copy()
 
 
 class Backbone:

@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from dawnchorus.models.runtime import make_interpreter
+from dawnchorus.models.runtime import check_runtime_supports, make_interpreter
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -83,11 +83,12 @@ class HeadRunner(Protocol):
 
 
 class TFLiteHead:
-    """A head exported as TFLite, run on LiteRT. Not thread-safe."""
+    """A head exported as TFLite, run on LiteRT or tflite-runtime. Not thread-safe."""
 
     def __init__(self, model: bytes, labels: Sequence[str], version: int, num_threads: int = 1):
         self.labels = list(labels)
         self.version = version
+        check_runtime_supports(model)
         self._interpreter = make_interpreter(model_content=model, num_threads=num_threads)
         input_details = self._interpreter.get_input_details()
         output_details = self._interpreter.get_output_details()

@@ -737,6 +737,12 @@ class BaseStation:
         _LOGGER.info("base station stopped: counters %s, rejected messages by kind and reason %s",
                      stats.counters, stats.rejected)
 
+    def health(self) -> str | None:
+        """Return None while the worker thread runs, else what failed (for the service watchdog)."""
+        if self._worker is None or not self._worker.is_alive():
+            return "the base station's worker thread is not running"
+        return None
+
     def idle(self) -> bool:
         """Return whether every received message has been handled."""
         return self._queue.empty() and not self._busy
