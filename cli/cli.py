@@ -401,6 +401,9 @@ def run_server(args: argparse.Namespace) -> int:
         return run_rollback(args)
     if args.server_command == "inspect":
         return run_inspect(args)
+    if args.server_command == "export-detections":
+        from dawnchorus.server import export
+        return export.run(args)
     credentials = mqtt_credentials(args)
     signing_key = signing_key_from_args(args)
     station = build_station(args, args.state_dir, args.broker, credentials, signing_key=signing_key,
@@ -575,6 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "the windows that a restart would load into the buffer and, per recorder, the sequence numbers "
                     "in the buffer, those accepted and the gaps between them. It needs no model and can run "
                     "while the base station runs."))
+    from dawnchorus.server import export
+    export.add_arguments(server.add_parser(
+        "export-detections", help="write the detection log as BirdNET-Analyzer CSV or Raven selection tables",
+        description="Read STATE_DIR/detections.jsonl and write the detections, optionally of some sites, "
+                    "recorders or times, as a BirdNET-Analyzer CSV or as one Raven selection table per recorder "
+                    "and UTC day. Times count seconds from 00:00:00 UTC of the detection's day. It needs no "
+                    "model and can run while the base station runs."))
 
     keys = commands.add_parser("keys", help="head signing keys").add_subparsers(dest="keys_command", required=True)
     generate = keys.add_parser(

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
+import json
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -154,3 +158,163 @@ def test_analyze_raven_rejects_file_as_out(tmp_path, capsys):
 def test_check_format_names_choices():
     with pytest.raises(ValueError, match="csv, raven"):
         detection_files.check_format("kaleidoscope")
+
+
+# The base station's detection log ---------------------------------------------------------------
+
+EXTRA = ["Site", "Device", "Time (UTC)", "Head version", "Sequence"]
+
+
+@pytest.fixture(scope="module")
+def station_state(mosquitto, tmp_path_factory) -> pathlib.Path:
+    """Run the demo (base station and two recorders) on two real recordings against a real Mosquitto."""
+    directory = tmp_path_factory.mktemp("demo")
+    result = subprocess.run(
+        [sys.executable, "-m", "dawnchorus", "demo", str(BIRDS_10S), str(ROBIN_22KHZ), "--broker",
+         mosquitto.address, "--speed", "0", "--min-conf", MIN_CONF, "--site", "export-test",
+         "--state-dir", str(directory / "state")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return directory / "state" / "server"
+
+
+def _logged(state: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (state / "detections.jsonl").read_text().splitlines()]
+
+
+def _export(state: pathlib.Path, out: pathlib.Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dawnchorus", "server", "export-detections", str(state), "--out", str(out), *options],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def _seconds_of_day(unix_s: float) -> float:
+    moment = datetime.datetime.fromtimestamp(unix_s, tz=datetime.timezone.utc)
+    return unix_s - moment.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+def _day(unix_s: float) -> str:
+    return datetime.datetime.fromtimestamp(unix_s, tz=datetime.timezone.utc).date().isoformat()
+
+
+def test_export_csv_matches_log(station_state, tmp_path):
+    logged = sorted(_logged(station_state), key=lambda d: (d["site"], d["device"], d["start_time"],
+                                                           -d["confidence"], d["label"]))
+
+    result = _export(station_state, tmp_path, "--format", "csv")
+    columns, rows = _read(tmp_path / "detections.csv", ",")
+
+    assert result.returncode == 0, result.stderr
+    assert len(logged) > 0
+    assert columns == ["Start (s)", "End (s)", "Scientific name", "Common name", "Confidence", "File", *EXTRA]
+    assert len(rows) == len(logged)
+    for row, detection in zip(rows, logged):
+        assert float(row["Start (s)"]) == pytest.approx(_seconds_of_day(detection["start_time"]), abs=1e-3)
+        assert float(row["End (s)"]) == pytest.approx(_seconds_of_day(detection["start_time"]) + 3.0, abs=2e-3)
+        assert row["Scientific name"] == detection["scientific_name"]
+        assert row["Common name"] == detection["common_name"]
+        assert float(row["Confidence"]) == pytest.approx(detection["confidence"], abs=5e-5)
+        assert row["File"] == f"{detection['site']}/{detection['device']}/{_day(detection['start_time'])}"
+        assert row["Site"] == detection["site"]
+        assert row["Device"] == detection["device"]
+        assert datetime.datetime.fromisoformat(row["Time (UTC)"].replace("Z", "+00:00")).timestamp() == \
+            pytest.approx(detection["start_time"], abs=1e-3)
+        assert int(row["Head version"]) == detection["head_version"]
+        assert int(row["Sequence"]) == detection["sequence"]
+
+
+def test_export_raven_one_table_per_recorder_day(station_state, tmp_path):
+    logged = _logged(station_state)
+    expected = {pathlib.Path(d["site"], d["device"], f"{_day(d['start_time'])}.BirdNET.selection.table.txt")
+                for d in logged}
+
+    result = _export(station_state, tmp_path, "--format", "raven")
+    tables = {path.relative_to(tmp_path) for path in tmp_path.rglob("*") if path.is_file()}
+
+    assert result.returncode == 0, result.stderr
+    assert tables == expected
+
+
+def test_export_raven_rows_match_log(station_state, tmp_path):
+    logged = _logged(station_state)
+    device = sorted({d["device"] for d in logged})[0]
+    of_device = sorted((d for d in logged if d["device"] == device),
+                       key=lambda d: (d["start_time"], -d["confidence"], d["label"]))
+    recording = f"{of_device[0]['site']}/{device}/{_day(of_device[0]['start_time'])}"
+
+    result = _export(station_state, tmp_path, "--format", "raven", "--device", device)
+    columns, selections = _read(tmp_path / f"{recording}.BirdNET.selection.table.txt", "\t")
+
+    assert result.returncode == 0, result.stderr
+    assert columns == [*detection_files.RAVEN_COLUMNS, *EXTRA]
+    assert len(selections) == len(of_device)
+    for number, (selection, detection) in enumerate(zip(selections, of_device), start=1):
+        assert selection["Selection"] == str(number)
+        assert selection["View"] == "Spectrogram 1"
+        assert selection["Channel"] == "1"
+        assert float(selection["Begin Time (s)"]) == pytest.approx(_seconds_of_day(detection["start_time"]),
+                                                                   abs=1e-3)
+        assert float(selection["End Time (s)"]) == pytest.approx(_seconds_of_day(detection["end_time"]), abs=1e-3)
+        assert selection["Low Freq (Hz)"] == "0"
+        assert selection["High Freq (Hz)"] == "15000"
+        assert selection["Common Name"] == detection["common_name"]
+        assert selection["Species Code"] == detection["label"]
+        assert float(selection["Confidence"]) == pytest.approx(detection["confidence"], abs=5e-5)
+        assert selection["Begin Path"] == recording
+        assert selection["File Offset (s)"] == selection["Begin Time (s)"]
+        assert selection["Device"] == device
+        assert int(selection["Sequence"]) == detection["sequence"]
+
+
+def test_export_filters_by_time(station_state, tmp_path):
+    logged = _logged(station_state)
+    times = sorted({d["start_time"] for d in logged})
+    middle = times[len(times) // 2]
+    expected = sum(1 for d in logged if d["start_time"] >= middle)
+
+    result = _export(station_state, tmp_path, "--since", str(middle),
+                     "--until", datetime.datetime.fromtimestamp(times[-1] + 1, datetime.timezone.utc).isoformat())
+    _, rows = _read(tmp_path / "detections.csv", ",")
+
+    assert result.returncode == 0, result.stderr
+    assert 0 < len(rows) < len(logged)
+    assert len(rows) == expected
+
+
+def test_export_filters_unknown_site_to_empty(station_state, tmp_path):
+    result = _export(station_state, tmp_path, "--site", "no-such-site")
+    columns, rows = _read(tmp_path / "detections.csv", ",")
+
+    assert result.returncode == 0, result.stderr
+    assert columns[:6] == list(detection_files.CSV_COLUMNS)
+    assert rows == []
+
+
+def test_export_skips_cut_last_line(station_state, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    text = (station_state / "detections.jsonl").read_text()
+    (state / "detections.jsonl").write_text(text + '{"device":"rec-cut","si')
+
+    result = _export(state, tmp_path / "out")
+    _, rows = _read(tmp_path / "out" / "detections.csv", ",")
+
+    assert result.returncode == 0, result.stderr
+    assert len(rows) == len(text.splitlines())
+    assert "line" in result.stderr
+
+
+def test_export_missing_log_exit_2(tmp_path):
+    result = _export(tmp_path, tmp_path / "out")
+
+    assert result.returncode == 2
+    assert "not found" in result.stderr
+
+
+def test_export_rejects_invalid_time(tmp_path):
+    result = _export(tmp_path, tmp_path / "out", "--since", "yesterday")
+
+    assert result.returncode == 2
+    assert "invalid time 'yesterday'" in result.stderr
