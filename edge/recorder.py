@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dawnchorus.edge.audio import Window
 from dawnchorus.edge.backoff import Backoff
-from dawnchorus.edge.outbox import DEFAULT_MAX_BYTES, Outbox
+from dawnchorus.edge.outbox import DEFAULT_MAX_BYTES, Outbox, OutboxEntry
 from dawnchorus.edge.ota import HeadRejected, HeadStore, check_manifest, verify_head
 from dawnchorus.edge.pipeline import InferencePipeline, ScoredBatch
 from dawnchorus.edge.uplink import DEFAULT_RECEIPT_TIMEOUT_S, Uplink
@@ -34,7 +34,8 @@ from dawnchorus.models.head import HeadRunner, LinearHead, sigmoid
 from dawnchorus.protocol import topics
 from dawnchorus.protocol.embeddings import (REASON_IDS, REASON_LENGTH, EmbeddingBatch, PayloadError,
                                             encode_embeddings)
-from dawnchorus.protocol.messages import Ack, Detection, Manifest, Receipt, Status, encode_detections
+from dawnchorus.protocol.messages import (Ack, Detection, Manifest, Receipt, Status, decode_detections,
+                                          encode_detections)
 from dawnchorus.protocol.rejections import RejectionCounter
 from dawnchorus.protocol.signing import key_id
 from dawnchorus.protocol.tls import TlsSettings
@@ -171,7 +172,8 @@ class Recorder:
             self._labels = list(installed.manifest.labels)
         self.pipeline = InferencePipeline(backbone, head, batch_size=batch_size)
 
-        self.counters = {"windows": 0, "messages": 0, "detections": 0, "heads_rejected": 0, "heads_applied": 0}
+        self.counters = {"windows": 0, "messages": 0, "detections": 0, "heads_rejected": 0, "heads_applied": 0,
+                         "heads_verified": 0, "embeddings_sent": 0, "detections_sent": 0}
         self.rejections = RejectionCounter(_LOGGER, f"recorder {config.device}")
         self.finished = threading.Event()
         self._stop = threading.Event()
@@ -187,6 +189,7 @@ class Recorder:
             Backoff(config.reconnect_min_delay_s, config.reconnect_max_delay_s), config.device,
             on_connecting=self._set_last_will, on_connected=self._on_connected,
             receipts=config.await_receipts, receipt_timeout_s=config.receipt_timeout_s,
+            on_delivered=self._count_delivered,
         )
 
     # MQTT -----------------------------------------------------------------
@@ -218,7 +221,23 @@ class Recorder:
         return Status(self.config.device, self.config.site, state, self.head_version,
                       self.counters["windows"], self._now(), self._status_counters(),
                       queue_depth=queue.depth, queue_bytes=queue.bytes, queue_dropped=queue.dropped,
-                      queue_dropped_windows=queue.dropped_windows)
+                      queue_dropped_windows=queue.dropped_windows,
+                      embeddings_sent=self.counters["embeddings_sent"],
+                      detections_sent=self.counters["detections_sent"],
+                      heads_verified=self.counters["heads_verified"], heads_installed=self.counters["heads_applied"],
+                      heads_rejected=self.counters["heads_rejected"], rejected_payloads=self.rejections.total)
+
+    def _count_delivered(self, windows: int, entries: list[OutboxEntry]) -> None:
+        """Count the embedding windows and the detections that left the outbox as delivered."""
+        self.counters["embeddings_sent"] += windows
+        for entry in entries:
+            if entry.topic != self._topic("detections"):
+                continue
+            try:
+                self.counters["detections_sent"] += len(decode_detections(entry.payload))
+            except PayloadError:
+                _LOGGER.exception("recorder %s: queued detections message %d does not decode", self.config.device,
+                                  entry.id)
 
     def _set_last_will(self, client: mqtt.Client) -> None:
         """Set the offline status that the broker publishes if the recorder vanishes, with the current counts."""
@@ -305,6 +324,7 @@ class Recorder:
             self.manifest = manifest
             if self._labels is None:
                 self._labels = list(manifest.labels)
+        self.counters["heads_verified"] += 1
         kind = "rollback to head" if manifest.rollback else "head"
         _LOGGER.info("recorder %s: %s v%d verified (sequence %d, sha256 %s...), swapping in between windows",
                      self.config.device, kind, manifest.version, manifest.sequence, manifest.sha256[:12])
