@@ -196,6 +196,11 @@ def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows-per-message", type=int, default=RecorderConfig.windows_per_message,
                         metavar="N", help="embeddings per MQTT message, 1 to 256 (default %(default)s)")
 
+    parser.add_argument("--home-assistant", nargs="?", const="homeassistant", default=None, metavar="PREFIX",
+                        help="publish Home Assistant MQTT discovery configs (sensors for the last species and its "
+                             "confidence, a binary sensor for online state) under PREFIX (default homeassistant), "
+                             "and the retained last detection they read; off by default")
+
     queue = parser.add_argument_group("store and forward")
     queue.add_argument("--queue-max-mb", type=float, default=RecorderConfig.queue_max_bytes / 2**20, metavar="MIB",
                        help="quota of the on-disk queue of messages not yet confirmed, in MiB of payload; past it "
@@ -262,6 +267,7 @@ def run_edge(args: argparse.Namespace) -> int:
         reconnect_min_delay_s=args.reconnect_min_delay, reconnect_max_delay_s=args.reconnect_max_delay,
         drain_timeout_s=args.drain_timeout, await_receipts=args.await_receipts,
         receipt_timeout_s=args.receipt_timeout, clock_offset_s=args.clock_offset,
+        home_assistant_prefix=args.home_assistant,
     )
 
     if args.input:

@@ -31,7 +31,8 @@ from dawnchorus.edge.pipeline import InferencePipeline, ScoredBatch
 from dawnchorus.edge.uplink import DEFAULT_RECEIPT_TIMEOUT_S, Uplink
 from dawnchorus.models.backbone import Backbone
 from dawnchorus.models.head import HeadRunner, LinearHead, sigmoid
-from dawnchorus.protocol import topics
+from dawnchorus import __version__
+from dawnchorus.protocol import home_assistant, topics
 from dawnchorus.protocol.embeddings import (REASON_IDS, REASON_LENGTH, EmbeddingBatch, PayloadError,
                                             encode_embeddings)
 from dawnchorus.protocol.messages import (Ack, Detection, Manifest, Receipt, Status, decode_detections,
@@ -87,6 +88,9 @@ class RecorderConfig:
         clock_offset_s: seconds added to every timestamp the recorder sends
             (window start times, detections, status, acks), for a recorder whose
             clock is known to be off. Sequence numbers are not affected.
+        home_assistant_prefix: Home Assistant's MQTT discovery prefix, normally
+            "homeassistant", to publish discovery configs and the retained last
+            detection (protocol/home_assistant.py); None turns this off.
     """
 
     device: str
@@ -112,6 +116,7 @@ class RecorderConfig:
     await_receipts: bool = True
     receipt_timeout_s: float = DEFAULT_RECEIPT_TIMEOUT_S
     clock_offset_s: float = 0.0
+    home_assistant_prefix: str | None = None
 
     def __post_init__(self):
         topics.validate_id(self.device, "device id")
@@ -128,6 +133,8 @@ class RecorderConfig:
             raise ValueError(f"drain timeout {self.drain_timeout_s} s is invalid: use 0 or more seconds")
         # Backoff validates the delays.
         Backoff(self.reconnect_min_delay_s, self.reconnect_max_delay_s)
+        if self.home_assistant_prefix is not None:
+            home_assistant.validate_prefix(self.home_assistant_prefix)
         self.state_dir = pathlib.Path(self.state_dir)
 
 
@@ -182,6 +189,7 @@ class Recorder:
         self._acked_head: HeadRunner | None = None
         self._last_status = 0.0
         self._unsent: list[tuple[Window, np.ndarray, int]] = []
+        self._last_detection: Detection | None = None
 
         self._client = self._make_client()
         self._uplink = Uplink(
@@ -251,6 +259,8 @@ class Recorder:
         if self.config.await_receipts:
             client.subscribe(topics.receipt_topic(self.config.site, self.config.device), qos=1)
         self._publish_status("online")
+        if self.config.home_assistant_prefix is not None:
+            self._publish_home_assistant()
 
     def _on_receipt(self, client, userdata, message) -> None:
         if not message.payload:
@@ -343,6 +353,23 @@ class Recorder:
         self._uplink.publish_now(self._topic("status"), self._status(state).encode(), retain=True,
                                  when_offline=False)
 
+    def _publish_home_assistant(self) -> None:
+        """Publish the retained discovery configs and the last detection, which may be newer than the broker's copy."""
+        messages = home_assistant.discovery_messages(self.config.home_assistant_prefix, self.config.site,
+                                                     self.config.device, __version__)
+        for message in messages:
+            self._uplink.publish_now(message.topic, message.encode(), retain=True, when_offline=False)
+        _LOGGER.info("recorder %s: published %d Home Assistant discovery configs under %s/", self.config.device,
+                     len(messages), self.config.home_assistant_prefix)
+        with self._lock:
+            last = self._last_detection
+        if last is not None:
+            self._publish_last_detection(last)
+
+    def _publish_last_detection(self, detection: Detection) -> None:
+        self._uplink.publish_now(topics.last_detection_topic(self.config.site, self.config.device),
+                                 home_assistant.encode_last_detection(detection), retain=True, when_offline=False)
+
     def _status_counters(self) -> dict[str, int]:
         """Return the counters for the status: the recorder's own, rejected messages, and replayed files."""
         counters = dict(self.counters)
@@ -396,6 +423,12 @@ class Recorder:
             self.counters["detections"] += len(detections)
             self._outbox.put(self._topic("detections"), encode_detections(detections), windows=0,
                              first_sequence=int(sequence[0]))
+            if self.config.home_assistant_prefix is not None:
+                # The last detection is the most confident one of the latest window that has any.
+                last = max(detections, key=lambda d: (d.start_time, d.confidence))
+                with self._lock:
+                    self._last_detection = last
+                self._publish_last_detection(last)
 
         for window, embedding, seq in zip(batch.windows, batch.embeddings, sequence):
             self._unsent.append((window, embedding, int(seq)))
