@@ -600,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("directory", type=pathlib.Path, metavar="DIRECTORY",
                           help="folder for the key files, created with mode 0700 if missing")
 
-    analyze_parser = commands.add_parser("analyze", help="analyze files offline, write BirdNET-style CSV or Raven selection tables")
+    analyze_parser = commands.add_parser(
+        "analyze", help="analyze files offline, write BirdNET-style CSV or Raven selection tables")
     analyze.add_arguments(analyze_parser)
 
     bench = commands.add_parser("bench", help="adaptation benchmark on labeled domains")

@@ -36,8 +36,6 @@ LOG_NAME = "detections.jsonl"
 CSV_NAME = "detections.csv"
 EXTRA_COLUMNS = ("Site", "Device", "Time (UTC)", "Head version", "Sequence")
 
-SECONDS_PER_DAY = 86_400
-
 EXIT_OK = 0
 EXIT_FAILED = 2
 
