@@ -201,7 +201,8 @@ class Status:
             rollbacks included.
         heads_rejected: pushed heads rejected (signature, sequence, labels,
             size, probe or reference batch), with invalid manifests.
-        rejected_payloads: messages from the broker that failed to decode.
+        rejected_payloads: messages from the base station (manifests, blobs) that failed to decode or had
+            the wrong size.
     """
 
     device: str
