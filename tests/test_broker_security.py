@@ -663,3 +663,28 @@ def test_programs_exchange_embeddings_and_heads_over_tls(secure_broker, programs
     assert f"site forest-a round 1: buffer {windows}," in server_log
     assert "published head v1" in server_log
     assert acknowledged, programs.log("rec-01.log")[-3000:]
+
+
+def test_recorder_program_reaches_home_assistant_over_tls(secure_broker, connect, programs, data_dir, tmp_path):
+    watcher = connect(HOME_ASSISTANT)
+    assert "Failure" not in watcher.subscribe(f"{home_assistant.DEFAULT_PREFIX}/#",
+                                              f"{topics.ROOT}/+/+/{topics.LAST_DETECTION_KIND}")
+    node = home_assistant.node_id("rec-02")
+    expected = {f"{home_assistant.DEFAULT_PREFIX}/sensor/{node}/last_species/config",
+                f"{home_assistant.DEFAULT_PREFIX}/sensor/{node}/last_confidence/config",
+                f"{home_assistant.DEFAULT_PREFIX}/binary_sensor/{node}/online/config",
+                topics.last_detection_topic("forest-a", "rec-02")}
+    recorder = programs.start(
+        "edge", "run", "--device", "rec-02", "--site", "forest-a", *secure_broker.client_arguments("rec-02"),
+        "--input", str(data_dir / "soundscapes/opensoundscape/birds_10s.wav"), "--speed", "0", "--stay",
+        "--min-conf", "0.3", "--home-assistant", "--state-dir", str(tmp_path / "edge"), "--threads", "1",
+        log="rec-02.log",
+    )
+    try:
+        arrived = _wait(lambda: expected <= watcher.topics_received() or recorder.poll() is not None, 120)
+        assert arrived, programs.log("rec-02.log")[-3000:]
+        assert expected <= watcher.topics_received(), programs.log("rec-02.log")[-3000:]
+    finally:
+        # Other tests here check that rec-02's config topics stay empty; Home Assistant may clear them.
+        for topic in expected - {topics.last_detection_topic("forest-a", "rec-02")}:
+            watcher.publish(topic, b"", retain=True)
