@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from dawnchorus.models.backbone import load_source_model
 from dawnchorus.models.export import head_to_tflite
 from dawnchorus.models.head import TFLiteHead
 from dawnchorus.protocol import topics
-from dawnchorus.protocol.messages import Manifest, Status, decode_detections
+from dawnchorus.protocol.messages import Manifest, Receipt, Status, decode_detections
 from dawnchorus.protocol.signing import load_private_key, sign_manifest
 
 SITE = "status-site"
@@ -77,7 +78,8 @@ def test_recorder_status_counts_work(programs, observer, mosquitto, data_dir, tm
             "edge", "run", "--device", DEVICE, "--site", SITE, "--broker", mosquitto.address,
             "--input", str(data_dir / "soundscapes/opensoundscape/birds_10s.wav"), "--speed", "0", "--stay",
             "--min-conf", "0.3", "--head-public-key", str(keys / "head-signing.pub"),
-            "--state-dir", str(tmp_path / "edge"), "--threads", "1", log="recorder.log",
+            # No base station runs here to confirm embeddings, so the broker's PUBACK delivers them.
+            "--no-receipts", "--state-dir", str(tmp_path / "edge"), "--threads", "1", log="recorder.log",
         )
         assert observer.wait_for(lambda: observer.statuses.get(DEVICE, {}).get("windows") == WINDOWS, 120), \
             programs.log("recorder.log")[-3000:]
@@ -131,3 +133,53 @@ def test_status_rejects_negative_count():
 
     with pytest.raises(ValueError, match="embeddings_sent"):
         Status.decode(payload)
+
+
+@pytest.mark.slow
+def test_recorder_status_counts_confirmed_embeddings(programs, observer, mosquitto, data_dir, tmp_path):
+    keys = tmp_path / "keys"
+    generated = subprocess.run([sys.executable, "-m", "dawnchorus", "keys", "generate", str(keys)],
+                               capture_output=True, text=True, timeout=120)
+    assert generated.returncode == 0, generated.stderr
+    species = tmp_path / "species.txt"
+    species.write_text("\n".join(HEAD_LABELS) + "\n")
+    device = "rec-receipts"
+    receipts: list = []
+    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-receipts-{uuid.uuid4().hex[:8]}")
+    watcher.on_message = lambda client, userdata, message: receipts.append(Receipt.decode(message.payload))
+    watcher.connect(mosquitto.host, mosquitto.port)
+    watcher.subscribe(topics.receipt_topic(SITE, device), qos=1)
+    watcher.loop_start()
+    try:
+        server = programs.start(
+            "server", "run", "--broker", mosquitto.address, "--state-dir", str(tmp_path / "server"),
+            "--signing-key", str(keys / "head-signing.key"), "--default-species", f"@{species}",
+            "--min-buffer", "1000", log="server.log",
+        )
+        deadline = time.monotonic() + 180
+        while ("base station ready" not in programs.log("server.log") and server.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+        assert server.poll() is None, programs.log("server.log")[-3000:]
+        recorder = programs.start(
+            "edge", "run", "--device", device, "--site", SITE, "--broker", mosquitto.address,
+            "--input", str(data_dir / "soundscapes/opensoundscape/birds_10s.wav"), "--speed", "0", "--stay",
+            "--state-dir", str(tmp_path / "edge"), "--threads", "1", log="recorder.log",
+        )
+        deadline = time.monotonic() + 120
+        while not any(receipt.covers(WINDOWS - 1) for receipt in list(receipts)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert any(receipt.covers(WINDOWS - 1) for receipt in list(receipts)), programs.log("recorder.log")[-3000:]
+        # The recorder's sender applies the receipt at once; the offline status on stop carries the counts.
+        time.sleep(1.0)
+        recorder.send_signal(signal.SIGTERM)
+        recorder.wait(timeout=60)
+        assert observer.wait_for(lambda: observer.statuses.get(device, {}).get("state") == "offline", 30)
+        status = Status.decode(json.dumps(observer.statuses[device]).encode())
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+
+    assert status.windows == WINDOWS
+    assert status.embeddings_sent == WINDOWS
+    assert status.queue_depth == 0
