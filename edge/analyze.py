@@ -106,6 +106,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "audio file (<name>.BirdNET.selection.table.txt), as its table result type (default csv)",
     )
     parser.add_argument(
+        "--species-codes", type=pathlib.Path, default=None, metavar="FILE",
+        help="with --format raven: JSON object mapping labels to eBird species codes for the Species Code "
+        "column, e.g. BirdNET-Analyzer's eBird_taxonomy_codes_2021E.json (default: the label)",
+    )
+    parser.add_argument(
         "--min-conf", type=_ranged_float("--min-conf", 0.0, 1.0), default=DEFAULT_MIN_CONFIDENCE,
         help=f"minimum confidence of a row, 0 to 1 (default {DEFAULT_MIN_CONFIDENCE})",
     )
@@ -273,7 +278,8 @@ def _high_freq_hz(path: str) -> float:
     return min(detection_files.HIGH_FREQ_HZ, sample_rate // 2)
 
 
-def _write_raven_tables(tables: dict[str, pathlib.Path], analysed: set[str], detections: list[Detection]) -> int:
+def _write_raven_tables(tables: dict[str, pathlib.Path], analysed: set[str], detections: list[Detection],
+                        species_codes: dict[str, str] | None = None) -> int:
     """Write one table per analysed file, a ``nocall`` row for a file without detections; return the count."""
     by_file: dict[str, list[Detection]] = {}
     for detection in detections:
@@ -283,7 +289,8 @@ def _write_raven_tables(tables: dict[str, pathlib.Path], analysed: set[str], det
         if file not in analysed and file not in by_file:
             continue
         table.parent.mkdir(parents=True, exist_ok=True)
-        detection_files.write_raven_table(table, file, _rows(by_file.get(file, [])), _high_freq_hz(file))
+        detection_files.write_raven_table(table, file, _rows(by_file.get(file, [])), _high_freq_hz(file),
+                                          species_codes=species_codes)
         written += 1
     return written
 
@@ -335,10 +342,13 @@ def run(args: argparse.Namespace) -> int:
     files = audio.find_audio_files(args.paths)
     output_format = getattr(args, "format", "csv")
     tables = {}
+    species_codes = None
     if output_format == "raven":
         try:
             tables = _table_paths(args.paths, files, args.out)
-        except AnalyzeError as error:
+            if getattr(args, "species_codes", None) is not None:
+                species_codes = detection_files.load_species_codes(args.species_codes)
+        except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_FAILED
     source = audio.FileSource(files, overlap_s=args.overlap)
@@ -363,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
     if output_format == "raven":
         analysed = {str(file) for file in files} - {error.path for error in source.errors}
         args.out.mkdir(exist_ok=True)
-        written = _write_raven_tables(tables, analysed, detections)
+        written = _write_raven_tables(tables, analysed, detections, species_codes)
         print(f"wrote {written} Raven selection table(s) to {args.out}", file=sys.stderr)
         return EXIT_OK
     _write_csv(args.out, detections)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import pathlib
 from typing import Callable, Iterable, Mapping, Sequence
@@ -94,6 +95,33 @@ def check_format(name: str) -> str:
     return name
 
 
+def load_species_codes(path: pathlib.Path) -> dict[str, str]:
+    """Read eBird species codes from a JSON object that maps labels to codes.
+
+    BirdNET-Analyzer's ``eBird_taxonomy_codes_2021E.json`` has this layout
+    (it also maps each code back to its label, which does no harm here). A
+    key may also be a scientific name alone.
+
+    Raises:
+        ValueError: the file cannot be read or is not such an object.
+    """
+    try:
+        codes = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"species codes file {path} cannot be read: {error}") from error
+    if not isinstance(codes, dict) or not all(isinstance(key, str) and isinstance(value, str)
+                                              for key, value in codes.items()):
+        raise ValueError(f"species codes file {path} must be one JSON object mapping labels "
+                         "('Scientific name_Common name') to eBird codes, as BirdNET-Analyzer's "
+                         "eBird_taxonomy_codes_2021E.json")
+    return codes
+
+
+def species_code(row: DetectionRow, codes: Mapping[str, str]) -> str:
+    """Return the row's eBird code: by label, then by scientific name, else the label, as BirdNET-Analyzer does."""
+    return codes.get(row.label) or codes.get(row.scientific_name) or row.label
+
+
 def raven_table_name(recording: str | os.PathLike) -> str:
     """Return the table file name of a recording: its name without the extension, plus ``RAVEN_SUFFIX``."""
     return pathlib.PurePath(recording).stem + RAVEN_SUFFIX
@@ -146,8 +174,9 @@ def write_raven_table(
         high_freq_hz: top of each selection's band, normally
             ``min(HIGH_FREQ_HZ, sample rate / 2)``.
         extra_columns: names of columns appended after BirdNET-Analyzer's.
-        species_codes: eBird species codes by label. BirdNET-Analyzer writes
-            the label as the code of a species without one, and so does this.
+        species_codes: eBird species codes (``load_species_codes``).
+            BirdNET-Analyzer writes the label as the code of a species
+            without one, and so does this.
     """
     codes = species_codes or {}
     high = str(int(high_freq_hz))
@@ -160,7 +189,7 @@ def write_raven_table(
             count += 1
             writer.writerow([
                 str(count), RAVEN_VIEW, RAVEN_CHANNEL, format_seconds(row.start_s), format_seconds(row.end_s),
-                str(LOW_FREQ_HZ), high, row.common_name, codes.get(row.label, row.label),
+                str(LOW_FREQ_HZ), high, row.common_name, species_code(row, codes),
                 format_confidence(row.confidence), row.recording, format_seconds(row.start_s),
                 *(row.extra.get(column, "") for column in extra_columns),
             ])

@@ -111,6 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "per recorder and UTC day (default csv)")
     parser.add_argument("--out", type=pathlib.Path, required=True, metavar="DIR",
                         help="folder for the files, created if missing")
+    parser.add_argument("--species-codes", type=pathlib.Path, default=None, metavar="FILE",
+                        help="with --format raven: JSON object mapping labels to eBird species codes for the "
+                             "Species Code column, e.g. BirdNET-Analyzer's eBird_taxonomy_codes_2021E.json "
+                             "(default: the label)")
     parser.add_argument("--site", action="append", type=_id("site id"), default=None,
                         help="export only this site; repeat for several (default: all)")
     parser.add_argument("--device", action="append", type=_id("device id"), default=None,
@@ -175,7 +179,8 @@ def to_row(detection: Detection) -> detection_files.DetectionRow:
 
 
 def export(state_dir: pathlib.Path, output_format: str, out: pathlib.Path,
-           selection: ExportFilter = ExportFilter()) -> list[pathlib.Path]:
+           selection: ExportFilter = ExportFilter(),
+           species_codes: dict[str, str] | None = None) -> list[pathlib.Path]:
     """Write the selected detections of ``state_dir``'s log to ``out``; return the files written."""
     detection_files.check_format(output_format)
     detections = [d for d in read_log(pathlib.Path(state_dir) / LOG_NAME) if selection.matches(d)]
@@ -195,7 +200,8 @@ def export(state_dir: pathlib.Path, output_format: str, out: pathlib.Path,
     for recording, rows in tables.items():
         path = out / f"{recording}{detection_files.RAVEN_SUFFIX}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        detection_files.write_raven_table(path, recording, rows, extra_columns=EXTRA_COLUMNS)
+        detection_files.write_raven_table(path, recording, rows, extra_columns=EXTRA_COLUMNS,
+                                          species_codes=species_codes)
         written.append(path)
     return written
 
@@ -214,8 +220,9 @@ def run(args: argparse.Namespace) -> int:
         since=args.since, until=args.until,
     )
     try:
-        written = export(args.state_dir, args.format, args.out, selection)
-    except (ExportError, OSError) as error:
+        codes = None if args.species_codes is None else detection_files.load_species_codes(args.species_codes)
+        written = export(args.state_dir, args.format, args.out, selection, codes)
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
     print(f"wrote {len(written)} file(s) to {args.out}", file=sys.stderr)

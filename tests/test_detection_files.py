@@ -121,6 +121,36 @@ def test_analyze_raven_robin_detected(analysed):
     assert "American Robin" in {s["Common Name"] for s in selections}
 
 
+def test_analyze_raven_species_codes_file(tmp_path):
+    codes = tmp_path / "codes.json"
+    # BirdNET-Analyzer's codes file maps both ways.
+    codes.write_text(json.dumps({"amerob": "Turdus migratorius_American Robin",
+                                 "Turdus migratorius_American Robin": "amerob"}))
+    out = tmp_path / "tables"
+
+    code = analyze.run(_parse([ROBIN_22KHZ, "--out", out, "--format", "raven", "--min-conf", MIN_CONF,
+                               "--species-codes", codes]))
+    _, selections = _read(out / "amerob.BirdNET.selection.table.txt", "\t")
+    robins = [s for s in selections if s["Common Name"] == "American Robin"]
+    others = [s for s in selections if s["Common Name"] != "American Robin"]
+
+    assert code == 0
+    assert len(robins) > 0
+    assert {s["Species Code"] for s in robins} == {"amerob"}
+    assert all(s["Species Code"].endswith("_" + s["Common Name"]) for s in others)
+
+
+def test_analyze_rejects_invalid_species_codes(tmp_path, capsys):
+    codes = tmp_path / "codes.json"
+    codes.write_text('["amerob"]')
+
+    code = analyze.run(_parse([BIRDS_10S, "--out", tmp_path / "tables", "--format", "raven",
+                               "--species-codes", codes]))
+
+    assert code == 2
+    assert "must be one JSON object" in capsys.readouterr().err
+
+
 def test_analyze_raven_file_without_detection_gets_nocall_row(tmp_path):
     out = tmp_path / "tables"
     code = analyze.run(_parse([BIRDS_10S, "--out", out, "--format", "raven", "--min-conf", "1.0"]))
@@ -304,6 +334,19 @@ def test_export_skips_cut_last_line(station_state, tmp_path):
     assert result.returncode == 0, result.stderr
     assert len(rows) == len(text.splitlines())
     assert "line" in result.stderr
+
+
+def test_export_raven_species_codes(station_state, tmp_path):
+    logged = _logged(station_state)
+    label = logged[0]["label"]
+    codes = tmp_path / "codes.json"
+    codes.write_text(json.dumps({label: "code1"}))
+
+    result = _export(station_state, tmp_path / "out", "--format", "raven", "--species-codes", str(codes))
+    selections = [row for table in (tmp_path / "out").rglob("*.txt") for row in _read(table, "\t")[1]]
+
+    assert result.returncode == 0, result.stderr
+    assert {s["Species Code"] for s in selections if s["Common Name"] == logged[0]["common_name"]} == {"code1"}
 
 
 def test_export_missing_log_exit_2(tmp_path):
