@@ -178,7 +178,8 @@ class Status:
     """A recorder's retained status; the broker publishes ``state="offline"`` as its last will.
 
     The ``queue_*`` fields describe the recorder's outbox, the messages not yet
-    acknowledged by the broker. The other counts are totals since the
+    delivered (embeddings wait for the base station's receipt, detections for
+    the broker's PUBACK). The other counts are totals since the
     recorder process started, the recorder's side of the base station's
     metrics. Recorders that predate a count field do not send it, and it
     decodes as 0.
@@ -201,8 +202,9 @@ class Status:
             rollbacks included.
         heads_rejected: pushed heads rejected (signature, sequence, labels,
             size, probe or reference batch), with invalid manifests.
-        rejected_payloads: messages from the base station (manifests, blobs) that failed to decode or had
-            the wrong size.
+        rejected_payloads: messages from the base station (manifests, blobs,
+            receipts) that failed to decode, had the wrong size or named
+            another recorder.
     """
 
     device: str
