@@ -196,15 +196,25 @@ EXTRA = ["Site", "Device", "Time (UTC)", "Head version", "Sequence"]
 
 
 @pytest.fixture(scope="module")
-def station_state(mosquitto, tmp_path_factory) -> pathlib.Path:
-    """Run the demo (base station and two recorders) on two real recordings against a real Mosquitto."""
+def station_state(tmp_path_factory) -> pathlib.Path:
+    """Run the demo (base station and two recorders) on two real recordings against a real Mosquitto.
+
+    The broker is the module's own: the base station's persistent session
+    would otherwise queue every later test's messages on the shared broker.
+    """
+    from conftest import Mosquitto
+
     directory = tmp_path_factory.mktemp("demo")
-    result = subprocess.run(
-        [sys.executable, "-m", "dawnchorus", "demo", str(BIRDS_10S), str(ROBIN_22KHZ), "--broker",
-         mosquitto.address, "--speed", "0", "--min-conf", MIN_CONF, "--site", "export-test",
-         "--state-dir", str(directory / "state")],
-        capture_output=True, text=True, timeout=300,
-    )
+    broker = Mosquitto(directory)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "dawnchorus", "demo", str(BIRDS_10S), str(ROBIN_22KHZ), "--broker",
+             broker.address, "--speed", "0", "--min-conf", MIN_CONF, "--site", "export-test",
+             "--state-dir", str(directory / "state")],
+            capture_output=True, text=True, timeout=300,
+        )
+    finally:
+        broker.stop()
     assert result.returncode == 0, result.stderr[-3000:]
     return directory / "state" / "server"
 

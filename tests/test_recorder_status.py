@@ -136,7 +136,10 @@ def test_status_rejects_negative_count():
 
 
 @pytest.mark.slow
-def test_recorder_status_counts_confirmed_embeddings(programs, observer, mosquitto, data_dir, tmp_path):
+def test_recorder_status_counts_confirmed_embeddings(programs, start_mosquitto, observe, data_dir, tmp_path):
+    # A broker of its own: the base station's persistent session would queue later tests' messages.
+    mosquitto = start_mosquitto("receipts")
+    observer = observe(mosquitto)
     keys = tmp_path / "keys"
     generated = subprocess.run([sys.executable, "-m", "dawnchorus", "keys", "generate", str(keys)],
                                capture_output=True, text=True, timeout=120)
