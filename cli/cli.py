@@ -279,6 +279,11 @@ def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows-per-message", type=int, default=RecorderConfig.windows_per_message,
                         metavar="N", help="embeddings per MQTT message, 1 to 256 (default %(default)s)")
 
+    parser.add_argument("--home-assistant", nargs="?", const="homeassistant", default=None, metavar="PREFIX",
+                        help="publish Home Assistant MQTT discovery configs (sensors for the last species and its "
+                             "confidence, a binary sensor for online state) under PREFIX (default homeassistant), "
+                             "and the retained last detection they read; off by default")
+
     queue = parser.add_argument_group("store and forward")
     queue.add_argument("--queue-max-mb", type=float, default=RecorderConfig.queue_max_bytes / 2**20, metavar="MIB",
                        help="quota of the on-disk queue of messages not yet confirmed, in MiB of payload; past it "
@@ -345,6 +350,7 @@ def run_edge(args: argparse.Namespace) -> int:
         reconnect_min_delay_s=args.reconnect_min_delay, reconnect_max_delay_s=args.reconnect_max_delay,
         drain_timeout_s=args.drain_timeout, await_receipts=args.await_receipts,
         receipt_timeout_s=args.receipt_timeout, clock_offset_s=args.clock_offset,
+        home_assistant_prefix=args.home_assistant,
     )
 
     if args.input:
@@ -477,6 +483,9 @@ def run_server(args: argparse.Namespace) -> int:
         return run_rollback(args)
     if args.server_command == "inspect":
         return run_inspect(args)
+    if args.server_command == "export-detections":
+        from dawnchorus.server import export
+        return export.run(args)
     credentials = mqtt_credentials(args)
     signing_key = signing_key_from_args(args)
     station = build_station(args, args.state_dir, args.broker, credentials, signing_key=signing_key,
@@ -674,6 +683,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "the windows that a restart would load into the buffer and, per recorder, the sequence numbers "
                     "in the buffer, those accepted and the gaps between them. It needs no model and can run "
                     "while the base station runs."))
+    from dawnchorus.server import export
+    export.add_arguments(server.add_parser(
+        "export-detections", help="write the detection log as BirdNET-Analyzer CSV or Raven selection tables",
+        description="Read STATE_DIR/detections.jsonl and write the detections, optionally of some sites, "
+                    "recorders or times, as a BirdNET-Analyzer CSV or as one Raven selection table per recorder "
+                    "and UTC day. Times count seconds from 00:00:00 UTC of the detection's day. It needs no "
+                    "model and can run while the base station runs."))
 
     keys = commands.add_parser("keys", help="head signing keys").add_subparsers(dest="keys_command", required=True)
     generate = keys.add_parser(
@@ -691,7 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "'edge run --config FILE' and 'server run --config FILE' would, including species files "
                     "and thresholds, and print the settings those commands would start with. Starts nothing."))
 
-    analyze_parser = commands.add_parser("analyze", help="analyze files offline, write BirdNET-style CSV")
+    analyze_parser = commands.add_parser(
+        "analyze", help="analyze files offline, write BirdNET-style CSV or Raven selection tables")
     analyze.add_arguments(analyze_parser)
 
     bench = commands.add_parser("bench", help="adaptation benchmark on labeled domains")

@@ -20,7 +20,15 @@
 #       Issue a new certificate to the broker, or to the base station (and
 #       revoke its old one), before the current one expires.
 #   make-credentials.sh revoke DIR DEVICE...
-#       Revoke the recorders' certificates and remove them from the ACL.
+#       Revoke the recorders' (or Home Assistant's) certificates and remove
+#       them from the ACL.
+#   make-credentials.sh home-assistant [--prefix PREFIX] [--days N] DIR [USER]
+#       Issue a certificate to Home Assistant's MQTT integration (user name
+#       USER, default home-assistant) and let it read every recorder's status
+#       and last detection. Each recorder may then publish its discovery
+#       configs under PREFIX (default homeassistant), given to recorders as
+#       --home-assistant PREFIX. Run it again to renew the certificate or
+#       change the prefix.
 #
 # What it writes:
 #   DIR/ca/                    the CA's key, database and serial numbers (keep it offline)
@@ -28,6 +36,7 @@
 #                              copy these to /etc/mosquitto/dawnchorus/ on the broker host
 #   DIR/clients/ID/            ca.crt, client.crt, client.key for the base station or recorder ID
 #   DIR/recorders.tsv          site and device of every recorder with a valid certificate
+#   DIR/home-assistant         Home Assistant's user name and discovery prefix, once set up
 #
 # It asks no questions, so tests and provisioning scripts can run it. Needs
 # openssl (1.1.1 or 3.x) and bash 4.
@@ -42,6 +51,12 @@ readonly MODEL_SEGMENT="model"
 readonly DEVICE_KINDS=(embeddings detections status ack)
 # What the base station publishes to one recorder: receipts of committed embeddings.
 readonly RECEIPT_KIND="receipt"
+# Retained topics a recorder writes for Home Assistant; the base station does not read them.
+readonly RECORDER_STATE_KINDS=(last_detection)
+# Home Assistant's default MQTT discovery prefix, and the start of each
+# recorder's node id in its discovery topics (protocol/home_assistant.py).
+readonly DEFAULT_HA_PREFIX="homeassistant"
+readonly HA_NODE_PREFIX="dawnchorus_"
 
 # Certificates of unattended devices: long enough to outlast a field season
 # (820 days, about 27 months), short enough that a lost recorder's key expires.
@@ -138,8 +153,11 @@ write_crl() {
 # Rewrite the ACL from DIR/base-station and DIR/recorders.tsv. Mosquitto denies
 # everything that no line allows.
 write_acl() {
-    local dir=$1 base_station site device kind
+    local dir=$1 base_station site device kind ha_user="" ha_prefix=""
     base_station=$(<"$dir/base-station")
+    if [[ -f $dir/home-assistant ]]; then
+        read -r ha_user ha_prefix <"$dir/home-assistant"
+    fi
     {
         echo "# Written by deploy/make-credentials.sh from $dir/recorders.tsv; rerun it instead of editing."
         echo "# User names are the CN of each client certificate (use_identity_as_username)."
@@ -157,13 +175,27 @@ write_acl() {
             echo "# Recorder $device of site $site: writes only its own topics, reads only its site's heads"
             echo "# and its own receipts."
             echo "user $device"
-            for kind in "${DEVICE_KINDS[@]}"; do
+            for kind in "${DEVICE_KINDS[@]}" "${RECORDER_STATE_KINDS[@]}"; do
                 echo "topic write $TOPIC_ROOT/$site/$device/$kind"
             done
             echo "topic read $TOPIC_ROOT/$site/$device/$RECEIPT_KIND"
             echo "topic read $TOPIC_ROOT/$site/$MODEL_SEGMENT/manifest"
             echo "topic read $TOPIC_ROOT/$site/$MODEL_SEGMENT/blob/+"
+            if [[ -n $ha_user ]]; then
+                # Discovery topics allow only [A-Za-z0-9_-] in a node id, so '.' becomes '_'.
+                echo "topic write $ha_prefix/+/$HA_NODE_PREFIX${device//./_}/+/config"
+            fi
         done <"$dir/recorders.tsv"
+        if [[ -n $ha_user ]]; then
+            echo
+            echo "# Home Assistant reads recorders' status and last detections, and its discovery prefix."
+            echo "user $ha_user"
+            echo "topic read $TOPIC_ROOT/+/+/status"
+            for kind in "${RECORDER_STATE_KINDS[@]}"; do
+                echo "topic read $TOPIC_ROOT/+/+/$kind"
+            done
+            echo "topic readwrite $ha_prefix/#"
+        fi
     } >"$dir/broker/dawnchorus.acl.new"
     chmod 644 "$dir/broker/dawnchorus.acl.new"
     mv "$dir/broker/dawnchorus.acl.new" "$dir/broker/dawnchorus.acl"
@@ -273,11 +305,13 @@ command_recorder() {
     dir=$(cd "$dir" && pwd)
     check_id "$site" "site id"
 
-    local base_station device
+    local base_station device ha_user=""
     base_station=$(<"$dir/base-station")
+    [[ ! -f $dir/home-assistant ]] || read -r ha_user _ <"$dir/home-assistant"
     for device in "$@"; do
         check_id "$device" "device id"
         [[ $device != "$base_station" ]] || die "device id '$device' is the base station's user name; choose another"
+        [[ $device != "$ha_user" ]] || die "device id '$device' is Home Assistant's user name; choose another"
     done
     for device in "$@"; do
         issue_client "$dir" "$device"
@@ -341,12 +375,52 @@ command_revoke() {
             -crl_reason keyCompromise 2>/dev/null
         rm -rf "$dir/clients/$device"
         forget_recorder "$dir" "$device"
+        # Revoking Home Assistant's certificate also removes its ACL lines and the recorders' discovery topics.
+        if [[ -f $dir/home-assistant && $(cut -d' ' -f1 "$dir/home-assistant") == "$device" ]]; then
+            rm "$dir/home-assistant"
+        fi
         echo "revoked $device" >&2
     done
     write_crl "$dir"
     write_acl "$dir"
     chmod 644 "$dir/broker/crl.pem"
     echo "copy $dir/broker/dawnchorus.acl and crl.pem to the broker host and send Mosquitto SIGHUP" >&2
+}
+
+# Check that PREFIX can be a discovery prefix: topic levels without wildcards.
+check_prefix() {
+    local prefix=$1
+    if [[ -z $prefix || $prefix == /* || $prefix == */ || $prefix == *//* || $prefix == *[+#[:space:]]* ]]; then
+        die "invalid discovery prefix '$prefix': give the prefix set in Home Assistant's MQTT integration ('$DEFAULT_HA_PREFIX' unless it was changed), without wildcards, spaces or a leading or trailing '/'"
+    fi
+}
+
+command_home_assistant() {
+    local prefix=$DEFAULT_HA_PREFIX
+    while [[ $# -gt 0 && $1 == --* ]]; do
+        case $1 in
+            --prefix) [[ $# -ge 2 ]] || usage; prefix=$2; shift 2 ;;
+            --days) [[ $# -ge 2 ]] || usage; check_days "$2"; DAYS=$2; shift 2 ;;
+            *) die "unknown option '$1' for home-assistant" ;;
+        esac
+    done
+    [[ $# -ge 1 && $# -le 2 ]] || usage
+    local dir=$1 user=${2:-home-assistant}
+    check_initialised "$dir"
+    dir=$(cd "$dir" && pwd)
+    check_id "$user" "Home Assistant user name"
+    check_prefix "$prefix"
+    [[ $user != "$(<"$dir/base-station")" ]] || die "'$user' is the base station's user name; choose another"
+    ! cut -f2 "$dir/recorders.tsv" | grep -qxF -- "$user" || die "'$user' is a recorder's user name; choose another"
+
+    issue_client "$dir" "$user"
+    printf '%s %s\n' "$user" "$prefix" >"$dir/home-assistant"
+    write_crl "$dir"
+    write_acl "$dir"
+    chmod 644 "$dir/broker/crl.pem"
+    echo "give Home Assistant's MQTT integration $dir/clients/$user/ (CA, client certificate and key) and the" \
+        "discovery prefix '$prefix'; copy $dir/broker/dawnchorus.acl and crl.pem to the broker host and send" \
+        "Mosquitto SIGHUP" >&2
 }
 
 main() {
@@ -359,8 +433,9 @@ main() {
         recorder) command_recorder "$@" ;;
         renew) command_renew "$@" ;;
         revoke) command_revoke "$@" ;;
+        home-assistant) command_home_assistant "$@" ;;
         -h | --help | help) usage ;;
-        *) die "unknown command '$command': expected init, recorder, renew or revoke" ;;
+        *) die "unknown command '$command': expected init, recorder, renew, revoke or home-assistant" ;;
     esac
 }
 

@@ -1,9 +1,12 @@
 """``analyze``: run the recorder's front end and BirdNET on audio files, without a broker.
 
-Writes a CSV in the layout of BirdNET-Analyzer's ``csv`` result type, one row
-per window and species whose confidence reaches ``--min-conf``:
+Writes one row per window and species whose confidence reaches
+``--min-conf``, in the layouts of BirdNET-Analyzer (protocol/detection_files.py):
 
-    Start (s),End (s),Scientific name,Common name,Confidence,File
+- ``--format csv`` (the default): one CSV, as its ``csv`` result type:
+  ``Start (s),End (s),Scientific name,Common name,Confidence,File``.
+- ``--format raven``: one Raven selection table per audio file, as its
+  ``table`` result type, in the folder ``--out``.
 
 ``End (s)`` is cut at the end of the file for the zero-padded last window.
 Rows are sorted by file, then start, then confidence (highest first).
@@ -21,6 +24,7 @@ import sys
 from typing import Mapping, Sequence
 
 import numpy as np
+import soundfile
 
 from dawnchorus.edge import audio
 from dawnchorus.edge.pipeline import InferencePipeline
@@ -31,10 +35,11 @@ from dawnchorus.models.head import LinearHead, sigmoid
 from dawnchorus.models.species import (DEFAULT_RANGE_THRESHOLD, SpeciesListError, SpeciesSpec,
                                        add_threshold_arguments, load_species_thresholds, range_threshold_argument,
                                        species_spec_argument, threshold_vector)
+from dawnchorus.protocol import detection_files
 
 _LOGGER = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("Start (s)", "End (s)", "Scientific name", "Common name", "Confidence", "File")
+CSV_COLUMNS = detection_files.CSV_COLUMNS
 
 # BirdNET-Analyzer's defaults and limits for the same options.
 DEFAULT_MIN_CONFIDENCE = 0.1
@@ -94,7 +99,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "paths", nargs="+", type=pathlib.Path,
         help="audio files (wav, flac, ogg, opus, mp3) or folders, searched recursively",
     )
-    parser.add_argument("--out", required=True, type=pathlib.Path, help="CSV file to write")
+    parser.add_argument(
+        "--out", required=True, type=pathlib.Path,
+        help="the CSV file to write, or with --format raven the folder for the tables (created if missing)",
+    )
+    parser.add_argument(
+        "--format", choices=detection_files.FORMATS, default="csv",
+        help="csv: one CSV as BirdNET-Analyzer's csv result type; raven: one Raven selection table per "
+        "audio file (<name>.BirdNET.selection.table.txt), as its table result type (default csv)",
+    )
+    parser.add_argument(
+        "--species-codes", type=pathlib.Path, default=None, metavar="FILE",
+        help="with --format raven: JSON object mapping labels to eBird species codes for the Species Code "
+        "column, e.g. BirdNET-Analyzer's eBird_taxonomy_codes_2021E.json (default: the label)",
+    )
     parser.add_argument(
         "--min-conf", type=_ranged_float("--min-conf", 0.0, 1.0), default=DEFAULT_MIN_CONFIDENCE,
         help=f"minimum confidence of a row, 0 to 1 (default {DEFAULT_MIN_CONFIDENCE})",
@@ -164,6 +182,14 @@ def _validate(args: argparse.Namespace) -> None:
         raise AnalyzeError(f"--model {args.model} needs --labels with one label per output class")
     if not args.out.parent.is_dir():
         raise AnalyzeError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    output_format = getattr(args, "format", "csv")
+    if output_format not in detection_files.FORMATS:
+        raise AnalyzeError(f"--format {output_format!r} is unknown: use one of {', '.join(detection_files.FORMATS)}")
+    if output_format == "raven" and args.out.exists() and not args.out.is_dir():
+        raise AnalyzeError(f"--out {args.out} is a file, but --format raven writes one table per audio file "
+                           "into a folder: give a folder")
+    if output_format == "csv" and args.out.is_dir():
+        raise AnalyzeError(f"--out {args.out} is a folder: give the CSV file to write")
 
 
 def load_classifier(
@@ -232,23 +258,63 @@ def _expected_windows(paths: Sequence[pathlib.Path], overlap_s: float) -> int | 
     return total or None
 
 
+def _rows(detections: Sequence[Detection]) -> list[detection_files.DetectionRow]:
+    return [detection_files.DetectionRow(d.file, d.start_s, d.end_s, d.label, d.confidence) for d in detections]
+
+
 def _write_csv(path: pathlib.Path, detections: list[Detection]) -> None:
-    """Write the rows to a temporary file and rename it, so a crash leaves no half CSV."""
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(CSV_COLUMNS)
-        for detection in detections:
-            scientific, common = birdnet.split_label(detection.label)
-            writer.writerow([
-                str(round(detection.start_s, 3)),
-                str(round(detection.end_s, 3)),
-                scientific,
-                common,
-                f"{detection.confidence:.4f}",
-                detection.file,
-            ])
-    os.replace(partial, path)
+    detection_files.write_csv(path, _rows(detections))
+
+
+def _table_paths(arguments: Sequence[pathlib.Path], files: Sequence[pathlib.Path],
+                 out: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Map each audio file to its table: a file found in a folder keeps its path below that folder.
+
+    Raises:
+        AnalyzeError: two audio files would get the same table, e.g. a.wav and a.flac.
+    """
+    folders = [path for path in arguments if path.is_dir()]
+    tables: dict[str, pathlib.Path] = {}
+    owners: dict[pathlib.Path, str] = {}
+    for file in files:
+        relative = pathlib.Path(file.name)
+        for folder in folders:
+            if file.is_relative_to(folder):
+                relative = file.relative_to(folder)
+                break
+        table = out / relative.parent / detection_files.raven_table_name(relative)
+        if table in owners:
+            raise AnalyzeError(f"{owners[table]} and {file} would both write {table}: analyse them in separate "
+                               "runs with different --out folders, or rename one")
+        owners[table] = str(file)
+        tables[str(file)] = table
+    return tables
+
+
+def _high_freq_hz(path: str) -> float:
+    """Top of a selection's band for a file: 15 kHz, or its Nyquist frequency when that is lower."""
+    try:
+        sample_rate = soundfile.info(path).samplerate
+    except (RuntimeError, OSError):
+        return detection_files.HIGH_FREQ_HZ
+    return min(detection_files.HIGH_FREQ_HZ, sample_rate // 2)
+
+
+def _write_raven_tables(tables: dict[str, pathlib.Path], analysed: set[str], detections: list[Detection],
+                        species_codes: dict[str, str] | None = None) -> int:
+    """Write one table per analysed file, a ``nocall`` row for a file without detections; return the count."""
+    by_file: dict[str, list[Detection]] = {}
+    for detection in detections:
+        by_file.setdefault(detection.file, []).append(detection)
+    written = 0
+    for file, table in tables.items():
+        if file not in analysed and file not in by_file:
+            continue
+        table.parent.mkdir(parents=True, exist_ok=True)
+        detection_files.write_raven_table(table, file, _rows(by_file.get(file, [])), _high_freq_hz(file),
+                                          species_codes=species_codes)
+        written += 1
+    return written
 
 
 def analyze_files(
@@ -285,7 +351,7 @@ def analyze_files(
 
 
 def run(args: argparse.Namespace) -> int:
-    """Analyse the files named in ``args`` and write the CSV; return the exit code.
+    """Analyse the files named in ``args`` and write the CSV or the Raven tables; return the exit code.
 
     Returns 0 if at least one file was analysed, 2 if none was or an option
     or model file is invalid. Unreadable files are logged and skipped.
@@ -300,6 +366,17 @@ def run(args: argparse.Namespace) -> int:
 
     # Folders are expanded once, so that each skipped file is logged once.
     files = audio.find_audio_files(args.paths)
+    output_format = getattr(args, "format", "csv")
+    tables = {}
+    species_codes = None
+    if output_format == "raven":
+        try:
+            tables = _table_paths(args.paths, files, args.out)
+            if getattr(args, "species_codes", None) is not None:
+                species_codes = detection_files.load_species_codes(args.species_codes)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_FAILED
     source = audio.FileSource(files, overlap_s=args.overlap)
     pipeline = InferencePipeline(backbone, head, batch_size=args.batch_size)
     enabled = getattr(args, "progress", True)
@@ -317,9 +394,15 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if source.files_read == 0:
-        print("error: no file could be analysed, so no CSV was written", file=sys.stderr)
+        print("error: no file could be analysed, so nothing was written", file=sys.stderr)
         return EXIT_FAILED
 
+    if output_format == "raven":
+        analysed = {str(file) for file in files} - {error.path for error in source.errors}
+        args.out.mkdir(exist_ok=True)
+        written = _write_raven_tables(tables, analysed, detections, species_codes)
+        print(f"wrote {written} Raven selection table(s) to {args.out}", file=sys.stderr)
+        return EXIT_OK
     _write_csv(args.out, detections)
     print(f"wrote {args.out}", file=sys.stderr)
     return EXIT_OK
@@ -329,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for ``python -m dawnchorus.edge.analyze``."""
     parser = argparse.ArgumentParser(
         prog="python -m dawnchorus.edge.analyze",
-        description="Detect bird species in audio files with BirdNET and write a CSV.",
+        description="Detect bird species in audio files with BirdNET and write a CSV or Raven selection tables.",
     )
     add_arguments(parser)
     args = parser.parse_args(argv)

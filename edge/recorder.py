@@ -26,17 +26,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dawnchorus.edge.audio import Window
 from dawnchorus.edge.backoff import Backoff
-from dawnchorus.edge.outbox import DEFAULT_MAX_BYTES, Outbox
+from dawnchorus.edge.outbox import DEFAULT_MAX_BYTES, Outbox, OutboxEntry
 from dawnchorus.edge.ota import HeadRejected, HeadStore, check_manifest, verify_head
 from dawnchorus.edge.pipeline import InferencePipeline, ScoredBatch
 from dawnchorus.edge.uplink import DEFAULT_RECEIPT_TIMEOUT_S, Uplink
 from dawnchorus.models.backbone import Backbone
 from dawnchorus.models.head import HeadRunner, LinearHead, sigmoid
+from dawnchorus import __version__
 from dawnchorus.models.species import threshold_vector
-from dawnchorus.protocol import topics
+from dawnchorus.protocol import home_assistant, topics
 from dawnchorus.protocol.embeddings import (REASON_IDS, REASON_LENGTH, EmbeddingBatch, PayloadError,
                                             encode_embeddings)
-from dawnchorus.protocol.messages import Ack, Detection, Manifest, Receipt, Status, encode_detections
+from dawnchorus.protocol.messages import (Ack, Detection, Manifest, Receipt, Status, decode_detections,
+                                          encode_detections)
 from dawnchorus.protocol.rejections import RejectionCounter
 from dawnchorus.protocol.signing import key_id
 from dawnchorus.protocol.tls import TlsSettings
@@ -90,6 +92,9 @@ class RecorderConfig:
         clock_offset_s: seconds added to every timestamp the recorder sends
             (window start times, detections, status, acks), for a recorder whose
             clock is known to be off. Sequence numbers are not affected.
+        home_assistant_prefix: Home Assistant's MQTT discovery prefix, normally
+            "homeassistant", to publish discovery configs and the retained last
+            detection (protocol/home_assistant.py); None turns this off.
     """
 
     device: str
@@ -116,6 +121,7 @@ class RecorderConfig:
     await_receipts: bool = True
     receipt_timeout_s: float = DEFAULT_RECEIPT_TIMEOUT_S
     clock_offset_s: float = 0.0
+    home_assistant_prefix: str | None = None
 
     def __post_init__(self):
         topics.validate_id(self.device, "device id")
@@ -135,6 +141,8 @@ class RecorderConfig:
             raise ValueError(f"drain timeout {self.drain_timeout_s} s is invalid: use 0 or more seconds")
         # Backoff validates the delays.
         Backoff(self.reconnect_min_delay_s, self.reconnect_max_delay_s)
+        if self.home_assistant_prefix is not None:
+            home_assistant.validate_prefix(self.home_assistant_prefix)
         self.state_dir = pathlib.Path(self.state_dir)
 
 
@@ -179,7 +187,8 @@ class Recorder:
             self._labels = list(installed.manifest.labels)
         self.pipeline = InferencePipeline(backbone, head, batch_size=batch_size)
 
-        self.counters = {"windows": 0, "messages": 0, "detections": 0, "heads_rejected": 0, "heads_applied": 0}
+        self.counters = {"windows": 0, "messages": 0, "detections": 0, "heads_rejected": 0, "heads_applied": 0,
+                         "heads_verified": 0, "embeddings_sent": 0, "detections_sent": 0}
         self.rejections = RejectionCounter(_LOGGER, f"recorder {config.device}")
         self.finished = threading.Event()
         self._stop = threading.Event()
@@ -192,6 +201,7 @@ class Recorder:
         self._staying = False
         self._unsent: list[tuple[Window, np.ndarray, int]] = []
         self._thresholds: tuple[HeadRunner, np.ndarray] | None = None
+        self._last_detection: Detection | None = None
 
         self._client = self._make_client()
         self._uplink = Uplink(
@@ -199,6 +209,7 @@ class Recorder:
             Backoff(config.reconnect_min_delay_s, config.reconnect_max_delay_s), config.device,
             on_connecting=self._set_last_will, on_connected=self._on_connected,
             receipts=config.await_receipts, receipt_timeout_s=config.receipt_timeout_s,
+            on_delivered=self._count_delivered,
         )
 
     # MQTT -----------------------------------------------------------------
@@ -230,7 +241,23 @@ class Recorder:
         return Status(self.config.device, self.config.site, state, self.head_version,
                       self.counters["windows"], self._now(), self._status_counters(),
                       queue_depth=queue.depth, queue_bytes=queue.bytes, queue_dropped=queue.dropped,
-                      queue_dropped_windows=queue.dropped_windows)
+                      queue_dropped_windows=queue.dropped_windows,
+                      embeddings_sent=self.counters["embeddings_sent"],
+                      detections_sent=self.counters["detections_sent"],
+                      heads_verified=self.counters["heads_verified"], heads_installed=self.counters["heads_applied"],
+                      heads_rejected=self.counters["heads_rejected"], rejected_payloads=self.rejections.total)
+
+    def _count_delivered(self, windows: int, entries: list[OutboxEntry]) -> None:
+        """Count the embedding windows and the detections that left the outbox as delivered."""
+        self.counters["embeddings_sent"] += windows
+        for entry in entries:
+            if entry.topic != self._topic("detections"):
+                continue
+            try:
+                self.counters["detections_sent"] += len(decode_detections(entry.payload))
+            except PayloadError:
+                _LOGGER.exception("recorder %s: queued detections message %d does not decode", self.config.device,
+                                  entry.id)
 
     def _set_last_will(self, client: mqtt.Client) -> None:
         """Set the offline status that the broker publishes if the recorder vanishes, with the current counts."""
@@ -244,6 +271,8 @@ class Recorder:
         if self.config.await_receipts:
             client.subscribe(topics.receipt_topic(self.config.site, self.config.device), qos=1)
         self._publish_status("online")
+        if self.config.home_assistant_prefix is not None:
+            self._publish_home_assistant()
 
     def _on_receipt(self, client, userdata, message) -> None:
         if not message.payload:
@@ -317,6 +346,7 @@ class Recorder:
             self.manifest = manifest
             if self._labels is None:
                 self._labels = list(manifest.labels)
+        self.counters["heads_verified"] += 1
         kind = "rollback to head" if manifest.rollback else "head"
         _LOGGER.info("recorder %s: %s v%d verified (sequence %d, sha256 %s...), swapping in between windows",
                      self.config.device, kind, manifest.version, manifest.sequence, manifest.sha256[:12])
@@ -334,6 +364,23 @@ class Recorder:
         self._last_status = time.monotonic()
         self._uplink.publish_now(self._topic("status"), self._status(state).encode(), retain=True,
                                  when_offline=False)
+
+    def _publish_home_assistant(self) -> None:
+        """Publish the retained discovery configs and the last detection, which may be newer than the broker's copy."""
+        messages = home_assistant.discovery_messages(self.config.home_assistant_prefix, self.config.site,
+                                                     self.config.device, __version__)
+        for message in messages:
+            self._uplink.publish_now(message.topic, message.encode(), retain=True, when_offline=False)
+        _LOGGER.info("recorder %s: published %d Home Assistant discovery configs under %s/", self.config.device,
+                     len(messages), self.config.home_assistant_prefix)
+        with self._lock:
+            last = self._last_detection
+        if last is not None:
+            self._publish_last_detection(last)
+
+    def _publish_last_detection(self, detection: Detection) -> None:
+        self._uplink.publish_now(topics.last_detection_topic(self.config.site, self.config.device),
+                                 home_assistant.encode_last_detection(detection), retain=True, when_offline=False)
 
     def _status_counters(self) -> dict[str, int]:
         """Return the counters for the status: the recorder's own, rejected messages, and replayed files."""
@@ -404,6 +451,12 @@ class Recorder:
             self.counters["detections"] += len(detections)
             self._outbox.put(self._topic("detections"), encode_detections(detections), windows=0,
                              first_sequence=int(sequence[0]))
+            if self.config.home_assistant_prefix is not None:
+                # The last detection is the most confident one of the latest window that has any.
+                last = max(detections, key=lambda d: (d.start_time, d.confidence))
+                with self._lock:
+                    self._last_detection = last
+                self._publish_last_detection(last)
 
         for window, embedding, seq in zip(batch.windows, batch.embeddings, sequence):
             self._unsent.append((window, embedding, int(seq)))

@@ -72,11 +72,13 @@ class _Delivered:
         first_sequence: the sequence number of its first window.
         order: position of its PUBACK among all PUBACKs of this uplink.
         resends: times it was sent again after a loss was seen.
+        windows: embedding windows in it.
     """
 
     first_sequence: int
     order: int
     resends: int = 0
+    windows: int = 0
 
 
 class Uplink:
@@ -93,6 +95,10 @@ class Uplink:
         on_connecting: called on the network thread before every connection
             attempt, for example to update the last will.
         on_connected: called on paho's network thread after every accepted connection.
+        on_delivered: called on the sender thread when entries leave the
+            outbox as delivered (confirmed by a receipt, or by the broker's
+            PUBACK where no receipt is awaited), with the embedding windows in
+            them and the delivered entries without windows (detections).
         window: unacknowledged messages at a time.
         receipts: keep embeddings entries until the base station's receipt
             covers them; False deletes them at the broker's PUBACK, for a
@@ -112,6 +118,7 @@ class Uplink:
         name: str,
         on_connecting: Callable[[mqtt.Client], None] | None = None,
         on_connected: Callable[[mqtt.Client], None] | None = None,
+        on_delivered: Callable[[int, list[OutboxEntry]], None] | None = None,
         window: int = DEFAULT_WINDOW,
         receipts: bool = False,
         receipt_timeout_s: float = DEFAULT_RECEIPT_TIMEOUT_S,
@@ -127,6 +134,7 @@ class Uplink:
         self._name = name
         self._on_connecting = on_connecting
         self._on_connected = on_connected
+        self._on_delivered = on_delivered
         self._window = window
         self._receipts = receipts
         self._receipt_timeout_s = receipt_timeout_s
@@ -337,21 +345,25 @@ class Uplink:
         entry. An embeddings entry otherwise becomes delivered and waits for
         its receipt, unless one already covered it.
         """
-        removed, delivered = [], []
+        removed: list[OutboxEntry] = []
+        delivered = []
         while self._acknowledged_mids:
             entry = in_flight.pop(self._acknowledged_mids.popleft(), None)
             if entry is None:
                 continue
             if not self._receipts or entry.windows == 0 or entry.id in self._confirmed_early:
                 self._confirmed_early.discard(entry.id)
-                removed.append(entry.id)
+                removed.append(entry)
                 continue
             self._puback_order += 1
             previous = self._delivered.get(entry.id)
             self._delivered[entry.id] = _Delivered(entry.first_sequence, self._puback_order,
-                                                   previous.resends if previous is not None else 0)
+                                                   previous.resends if previous is not None else 0, entry.windows)
             delivered.append(entry)
-        self._outbox.remove(removed)
+        self._outbox.remove([entry.id for entry in removed])
+        if removed and self._on_delivered is not None:
+            self._on_delivered(sum(entry.windows for entry in removed),
+                               [entry for entry in removed if entry.windows == 0])
         if delivered:
             self._outbox.mark_delivered(delivered)
             if min(entry.id for entry in delivered) < max(self._delivered):
@@ -373,9 +385,12 @@ class Uplink:
         if not confirmed:
             return
         newest = max(self._delivered[entry_id].order for entry_id in confirmed)
+        confirmed_windows = sum(self._delivered[entry_id].windows for entry_id in confirmed)
         for entry_id in confirmed:
             del self._delivered[entry_id]
         self._outbox.remove(confirmed)
+        if self._on_delivered is not None:
+            self._on_delivered(confirmed_windows, [])
         self.counters["confirmed"] += len(confirmed)
         self._last_confirmation = time.monotonic()
         # An entry sent again and still without its new PUBACK is not lost again.

@@ -178,15 +178,33 @@ class Status:
     """A recorder's retained status; the broker publishes ``state="offline"`` as its last will.
 
     The ``queue_*`` fields describe the recorder's outbox, the messages not yet
-    acknowledged by the broker. Recorders before they existed do not send
-    them, and they decode as 0.
+    delivered (embeddings wait for the base station's receipt, detections for
+    the broker's PUBACK). The other counts are totals since the
+    recorder process started, the recorder's side of the base station's
+    metrics. Recorders that predate a count field do not send it, and it
+    decodes as 0.
 
     Attributes:
+        windows: 3 s windows analysed.
+        counters: the recorder's counters by name, as free-form diagnostics;
+            the typed fields below are the ones to build on.
         queue_depth: messages queued.
         queue_bytes: payload bytes queued.
         queue_dropped: messages dropped unsent, because the queue quota was
             reached or the disk was full, over the life of the recorder's state.
         queue_dropped_windows: embedding windows in the dropped messages.
+        embeddings_sent: embedding windows that left the outbox as delivered:
+            confirmed by the base station's receipt, or acknowledged by the
+            broker for a recorder that awaits no receipts.
+        detections_sent: detections whose message the broker acknowledged.
+        heads_verified: pushed heads that passed every check and were stored.
+        heads_installed: heads swapped in and acknowledged to the base station,
+            rollbacks included.
+        heads_rejected: pushed heads rejected (signature, sequence, labels,
+            size, probe or reference batch), with invalid manifests.
+        rejected_payloads: messages from the base station (manifests, blobs,
+            receipts) that failed to decode, had the wrong size or named
+            another recorder.
     """
 
     device: str
@@ -200,9 +218,17 @@ class Status:
     queue_bytes: int = 0
     queue_dropped: int = 0
     queue_dropped_windows: int = 0
+    embeddings_sent: int = 0
+    detections_sent: int = 0
+    heads_verified: int = 0
+    heads_installed: int = 0
+    heads_rejected: int = 0
+    rejected_payloads: int = 0
 
     STATES = ("online", "offline", "finished")
     QUEUE_FIELDS = ("queue_depth", "queue_bytes", "queue_dropped", "queue_dropped_windows")
+    COUNT_FIELDS = (*QUEUE_FIELDS, "embeddings_sent", "detections_sent", "heads_verified", "heads_installed",
+                    "heads_rejected", "rejected_payloads")
 
     def encode(self) -> bytes:
         return _dumps(dataclasses.asdict(self))
@@ -222,7 +248,7 @@ class Status:
             windows=_optional_field(obj, "windows", int, what, 0),
             time=float(_optional_field(obj, "time", (int, float), what, 0.0)),
             counters=_counters_field(obj, what),
-            **{name: _count_field(obj, name, what) for name in cls.QUEUE_FIELDS},
+            **{name: _count_field(obj, name, what) for name in cls.COUNT_FIELDS},
         )
 
 

@@ -7,6 +7,7 @@ Layout, with ``dawnchorus/v1`` as the root:
     <root>/<site>/<device>/status       JSON status, retained; the last will sets "offline"
     <root>/<site>/<device>/ack          JSON: the head version a recorder runs, or why it rejected one
     <root>/<site>/<device>/receipt      JSON from the base station: sequence numbers it has committed, retained
+    <root>/<site>/<device>/last_detection  JSON, retained: the recorder's last detection, for Home Assistant
     <root>/<site>/model/manifest        JSON head manifest, retained
     <root>/<site>/model/blob/<version>  the TFLite head, retained while it may be needed
     <root>/_station/<station>/stats     JSON counters of one base-station process, retained
@@ -30,6 +31,8 @@ DEVICE_KINDS = ("embeddings", "detections", "status", "ack")
 # What the base station publishes to one recorder. Not in DEVICE_KINDS: the
 # station does not subscribe to it, and a recorder only reads it.
 RECEIPT_KIND = "receipt"
+# Written by a recorder with Home Assistant discovery on, for dashboards; the base station does not read it.
+LAST_DETECTION_KIND = "last_detection"
 
 # Ids become topic levels and file names: no MQTT wildcards or separators,
 # nothing that a shell or a file system would interpret.
@@ -67,6 +70,11 @@ def device_wildcard(kind: str, site: str = "+") -> str:
     if kind not in DEVICE_KINDS:
         raise TopicError(f"unknown device topic kind {kind!r}, expected one of {DEVICE_KINDS}")
     return f"{ROOT}/{site}/+/{kind}"
+
+
+def last_detection_topic(site: str, device: str) -> str:
+    """Return the retained topic of a recorder's last detection (Home Assistant's sensors read it)."""
+    return f"{ROOT}/{validate_id(site, 'site id')}/{validate_id(device, 'device id')}/{LAST_DETECTION_KIND}"
 
 
 def manifest_topic(site: str) -> str:

@@ -28,7 +28,7 @@ import uuid
 import paho.mqtt.client as mqtt
 import pytest
 
-from dawnchorus.protocol import topics
+from dawnchorus.protocol import home_assistant, topics
 from dawnchorus.protocol.tls import TlsSettings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -38,6 +38,7 @@ PLAIN_CONFIG = REPO / "deploy" / "mosquitto" / "dawnchorus.conf"
 INSTALLED_DIR = "/etc/mosquitto/dawnchorus/"
 
 BASE_STATION = "base-station"
+HOME_ASSISTANT = "home-assistant"
 RECORDERS = {"rec-01": "forest-a", "rec-02": "forest-a", "rec-03": "meadow"}
 WAIT_S = 30.0
 
@@ -66,6 +67,7 @@ class SecureBroker:
         for site in sorted(set(RECORDERS.values())):
             _make_credentials("recorder", str(self.credentials), site,
                               *[device for device, of_site in RECORDERS.items() if of_site == site])
+        _make_credentials("home-assistant", str(self.credentials), HOME_ASSISTANT)
 
         self.host = "127.0.0.1"
         self.port = _free_port()
@@ -374,6 +376,96 @@ def test_base_station_reads_recorder_topics(connect):
         assert station.wait_for(_device_topic("rec-03", kind), kind.encode()), kind
 
 
+# Home Assistant ------------------------------------------------------------------------
+
+
+def _discovery_topic(device: str) -> str:
+    return f"{home_assistant.DEFAULT_PREFIX}/sensor/{home_assistant.node_id(device)}/last_species/config"
+
+
+def test_recorder_publishes_only_own_discovery_and_state(connect):
+    watcher = connect(HOME_ASSISTANT)
+    assert "Failure" not in watcher.subscribe(f"{home_assistant.DEFAULT_PREFIX}/#",
+                                              f"{topics.ROOT}/+/+/{topics.LAST_DETECTION_KIND}")
+    recorder = connect("rec-01")
+    forged = [_discovery_topic("rec-02"), _discovery_topic("rec-03"), topics.last_detection_topic("forest-a", "rec-02"),
+              topics.last_detection_topic("meadow", "rec-01")]
+
+    for topic in forged:
+        recorder.publish(topic, b"forged", retain=True)
+    recorder.publish(topics.last_detection_topic("forest-a", "rec-01"), b"own state")
+    recorder.publish(_discovery_topic("rec-01"), b"own config")
+
+    assert watcher.wait_for(topics.last_detection_topic("forest-a", "rec-01"), b"own state")
+    assert watcher.wait_for(_discovery_topic("rec-01"), b"own config")
+    received = watcher.topics_received()
+    for topic in forged:
+        assert topic not in received
+
+
+def test_recorder_with_dot_in_id_publishes_discovery(secure_broker, connect):
+    _make_credentials("recorder", str(secure_broker.credentials), "meadow", "rec.04")
+    secure_broker.reload()
+    watcher = connect(HOME_ASSISTANT)
+    assert "Failure" not in watcher.subscribe(f"{home_assistant.DEFAULT_PREFIX}/#")
+
+    recorder = connect("rec.04")
+
+    # The ACL and the recorder must agree on the node id that replaces '.'. Mosquitto rereads the ACL
+    # between network reads, so the first publishes may still meet the old ACL.
+    deadline = time.monotonic() + WAIT_S
+    while _discovery_topic("rec.04") not in watcher.topics_received() and time.monotonic() < deadline:
+        recorder.publish(_discovery_topic("rec.04"), b"own config")
+        time.sleep(0.2)
+
+    assert _discovery_topic("rec.04") in watcher.topics_received()
+
+
+def test_home_assistant_reads_status_and_state_only(connect):
+    watcher = connect(HOME_ASSISTANT)
+    # Every recorder topic; the ACL decides which messages it receives.
+    assert "Failure" not in watcher.subscribe(f"{topics.ROOT}/#")
+    recorder = connect("rec-03")
+
+    for kind in ("embeddings", "detections", "ack"):
+        recorder.publish(_device_topic("rec-03", kind), kind.encode())
+    recorder.publish(_device_topic("rec-03", "status"), b"status")
+    recorder.publish(topics.last_detection_topic("meadow", "rec-03"), b"last detection")
+
+    assert watcher.wait_for(_device_topic("rec-03", "status"), b"status")
+    assert watcher.wait_for(topics.last_detection_topic("meadow", "rec-03"), b"last detection")
+    received = watcher.topics_received()
+    for kind in ("embeddings", "detections", "ack"):
+        assert _device_topic("rec-03", kind) not in received, kind
+
+
+def test_home_assistant_cannot_publish_recorder_topics(connect):
+    station = _base_station_watching(connect)
+    watcher = connect(HOME_ASSISTANT)
+    assert "Failure" not in watcher.subscribe(f"{topics.ROOT}/+/+/status", f"{home_assistant.DEFAULT_PREFIX}/#")
+    forger = connect(HOME_ASSISTANT)
+    forged = [_device_topic("rec-01", "status"), _device_topic("rec-01"), topics.manifest_topic("forest-a")]
+
+    for topic in forged:
+        forger.publish(topic, b"forged")
+    forger.publish(f"{home_assistant.DEFAULT_PREFIX}/status", b"online")
+    connect("rec-01").publish(_device_topic("rec-01", "ack"), b"marker")
+
+    assert watcher.wait_for(f"{home_assistant.DEFAULT_PREFIX}/status", b"online")
+    assert station.wait_for(_device_topic("rec-01", "ack"), b"marker")
+    received = watcher.topics_received() | station.topics_received()
+    for topic in forged:
+        assert topic not in received
+
+
+def test_make_credentials_rejects_invalid_prefix(secure_broker):
+    result = subprocess.run(["bash", str(SCRIPT), "home-assistant", "--prefix", "ha/#", str(secure_broker.credentials)],
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 2
+    assert "invalid discovery prefix" in result.stderr
+
+
 # Rotation and revocation ----------------------------------------------------------------
 
 
@@ -571,3 +663,28 @@ def test_programs_exchange_embeddings_and_heads_over_tls(secure_broker, programs
     assert f"site forest-a round 1: buffer {windows}," in server_log
     assert "published head v1" in server_log
     assert acknowledged, programs.log("rec-01.log")[-3000:]
+
+
+def test_recorder_program_reaches_home_assistant_over_tls(secure_broker, connect, programs, data_dir, tmp_path):
+    watcher = connect(HOME_ASSISTANT)
+    assert "Failure" not in watcher.subscribe(f"{home_assistant.DEFAULT_PREFIX}/#",
+                                              f"{topics.ROOT}/+/+/{topics.LAST_DETECTION_KIND}")
+    node = home_assistant.node_id("rec-02")
+    expected = {f"{home_assistant.DEFAULT_PREFIX}/sensor/{node}/last_species/config",
+                f"{home_assistant.DEFAULT_PREFIX}/sensor/{node}/last_confidence/config",
+                f"{home_assistant.DEFAULT_PREFIX}/binary_sensor/{node}/online/config",
+                topics.last_detection_topic("forest-a", "rec-02")}
+    recorder = programs.start(
+        "edge", "run", "--device", "rec-02", "--site", "forest-a", *secure_broker.client_arguments("rec-02"),
+        "--input", str(data_dir / "soundscapes/opensoundscape/birds_10s.wav"), "--speed", "0", "--stay",
+        "--min-conf", "0.3", "--home-assistant", "--state-dir", str(tmp_path / "edge"), "--threads", "1",
+        log="rec-02.log",
+    )
+    try:
+        arrived = _wait(lambda: expected <= watcher.topics_received() or recorder.poll() is not None, 120)
+        assert arrived, programs.log("rec-02.log")[-3000:]
+        assert expected <= watcher.topics_received(), programs.log("rec-02.log")[-3000:]
+    finally:
+        # Other tests here check that rec-02's config topics stay empty; Home Assistant may clear them.
+        for topic in expected - {topics.last_detection_topic("forest-a", "rec-02")}:
+            watcher.publish(topic, b"", retain=True)
