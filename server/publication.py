@@ -67,12 +67,50 @@ class HeadPublisher:
             version=signed.version, sequence=signed.sequence, rollback=signed.rollback, time=time.time(),
             retained_blobs=keep,
         ))
+        self._registry.store_published_manifest(site, payload)
 
         confirmed = self._send(signed.blob_topic, blob)
         confirmed = self._send(topics.manifest_topic(site), payload) and confirmed
         for version in stale:
             self._send(topics.blob_topic(site, version), b"")
         return signed, confirmed
+
+    def republish(self, site: str) -> Manifest | None:
+        """Publish the site's newest manifest and its retained blobs again, unchanged.
+
+        A broker that crashed restarts with the retained messages of its last
+        save, which can be an older manifest than the newest, or none. Recorders
+        ignore a manifest whose sequence number they know, so publishing the
+        same signed manifest again restores the broker's state and changes
+        nothing for them. The caller must hold ``registry.site_lock(site)``.
+
+        Returns:
+            The manifest published again, or None if the site has none stored.
+        """
+        publication = self._registry.publication(site)
+        if publication is None:
+            return None
+        payload = self._registry.published_manifest(site)
+        if payload is None and not publication.rollback:
+            # Registries written before published manifests were stored keep each version's manifest.
+            try:
+                payload = self._registry.manifest(site, publication.version)
+            except FileNotFoundError:
+                payload = None
+        try:
+            manifest = Manifest.decode(payload) if payload is not None else None
+        except PayloadError as error:
+            _LOGGER.warning("site %s: the stored manifest of v%d is invalid (%s); not published again", site,
+                            publication.version, error)
+            return None
+        if manifest is None or manifest.sequence != publication.sequence:
+            _LOGGER.warning("site %s: no stored manifest matches the newest publication (v%d, sequence %d); it "
+                            "is not published again", site, publication.version, publication.sequence)
+            return None
+        for version in publication.retained_blobs:
+            self._send(topics.blob_topic(site, version), self._registry.blob(site, version))
+        self._send(topics.manifest_topic(site), payload)
+        return manifest
 
     def _send(self, topic: str, payload: bytes) -> bool:
         info = self._client.publish(topic, payload, qos=1, retain=True)

@@ -210,6 +210,15 @@ class HeadRegistry:
         directory.mkdir(parents=True, exist_ok=True)
         _write_atomic(directory / f"v{version}.json", payload)
 
+    def store_published_manifest(self, site: str, payload: bytes) -> None:
+        """Keep the signed manifest last published for ``site``, rollbacks included, to publish it again."""
+        _write_atomic(self.root / site / "published-manifest.json", payload)
+
+    def published_manifest(self, site: str) -> bytes | None:
+        """Return the signed manifest last published for ``site``, or None if this registry never stored one."""
+        path = self.root / site / "published-manifest.json"
+        return path.read_bytes() if path.is_file() else None
+
     def manifest(self, site: str, version: int) -> bytes:
         """Return the stored manifest of a version. Raises FileNotFoundError if it was never published."""
         return (self.root / site / "manifests" / f"v{version}.json").read_bytes()

@@ -220,6 +220,8 @@ class BaseStation:
         self._connection = 0
         self._stop = threading.Event()
         self._flush_requested = threading.Event()
+        # Set on every connection: the worker then publishes each site's newest head again.
+        self._republish_due = threading.Event()
         self.flush_done = threading.Event()
         self._worker: threading.Thread | None = None
         self.connected = threading.Event()
@@ -272,6 +274,7 @@ class BaseStation:
             return
         # Only now does the broker route recorders' messages to this station.
         _LOGGER.info("base station ready: subscribed to the recorders' topics")
+        self._republish_due.set()
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -607,6 +610,26 @@ class BaseStation:
                 _LOGGER.warning("base station: acknowledging message %d on %s failed (%s); the broker sends it "
                                 "again", received.mid, received.topic, mqtt.error_string(result))
 
+    def _republish_heads(self) -> None:
+        """Publish the newest head of every site of this shard again, after a connection to the broker.
+
+        A broker restarted after a crash holds the retained heads of its last
+        save, which may be older than the newest or missing.
+        """
+        for site in self.registry.sites():
+            if not self.config.shard.owns(site):
+                continue
+            try:
+                with self.registry.site_lock(site):
+                    manifest = self._publisher.republish(site)
+            except (OSError, ValueError) as error:
+                _LOGGER.error("site %s: publishing the newest head again failed: %s", site, error)
+                continue
+            if manifest is not None:
+                self.counters["heads_republished"] += 1
+                _LOGGER.info("site %s: published head v%d (sequence %d) again after connecting to the broker", site,
+                             manifest.version, manifest.sequence)
+
     def _send_receipts(self) -> None:
         """Tell each recorder of the group which of its sequence numbers are now committed.
 
@@ -674,6 +697,9 @@ class BaseStation:
         rounds_after_restore = True
         while not self._stop.is_set():
             self._publish_stats()
+            if self._republish_due.is_set() and self.connected.is_set():
+                self._republish_due.clear()
+                self._republish_heads()
             group = self._take_group()
             if not group:
                 if rounds_after_restore and self.connected.is_set():

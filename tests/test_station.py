@@ -380,3 +380,56 @@ def test_station_discards_head_after_rollback(mosquitto, source, embeddings, tmp
     assert base.registry.record(site, 3).parent == 1
     assert base.registry.publication(site).version == 3
     assert base.registry.publication(site).sequence > signed.sequence
+
+
+def _retained(broker, topic: str, timeout: float = 20.0) -> bytes | None:
+    """Subscribe to ``topic`` with a fresh client and return its retained payload, or None if none comes."""
+    received: list[bytes] = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-retained-{uuid.uuid4().hex[:8]}")
+    client.on_message = lambda client, userdata, message: received.append(bytes(message.payload))
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        client.subscribe(topic, qos=1)
+        _wait(lambda: received, timeout)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return received[0] if received else None
+
+
+def test_station_republishes_heads_after_broker_loses_them(start_mosquitto, source, embeddings, tmp_path):
+    # A broker without persistence forgets its retained messages when it restarts, as a crashed one
+    # forgets those it received since its last save.
+    broker = start_mosquitto("broker")
+    signing_key = Ed25519PrivateKey.generate()
+    config = StationConfig(
+        broker_host=broker.host, broker_port=broker.port, state_dir=tmp_path,
+        client_id=f"test-station-{uuid.uuid4().hex[:8]}", signing_key=signing_key,
+        adaptation=AdaptationConfig(buffer_capacity=100, update_interval=1000, min_buffer=10),
+    )
+    base = BaseStation(config, source.head, lambda site: LABELS)
+    base.start()
+    site = "site-republish"
+    try:
+        assert base.connected.wait(20)
+        adapter = base._site(site)
+        adapter.add(embeddings)
+        for version in (1, 2):
+            assert base._publish_head(site, adapter, adapter.run_round(version))
+        rollback, blob = load_rollback(base.registry, site, 1)
+        signed, confirmed = publish_rollback(base._publisher, base.registry, rollback, blob)
+        assert confirmed
+
+        broker.kill()
+        base.connected.clear()
+        broker.start()
+        assert base.connected.wait(60)
+        assert _wait(lambda: base.counters["heads_republished"] == 1, 30)
+        manifest = _retained(broker, topics.manifest_topic(site))
+        retained_blob = _retained(broker, topics.blob_topic(site, 1))
+    finally:
+        base.stop()
+
+    assert manifest == signed.encode()
+    assert retained_blob == blob
