@@ -149,9 +149,17 @@ def start_mosquitto(tmp_path):
         broker.stop()
 
 
-@pytest.fixture(scope="session")
-def mosquitto(tmp_path_factory) -> Mosquitto:
-    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+@pytest.fixture()
+def mosquitto(tmp_path) -> Mosquitto:
+    """A broker of the test's own.
+
+    One per test, because the base station keeps a persistent session under
+    a fixed client id: on a shared broker, that session would queue every
+    later test's messages for the next base station that connects.
+    """
+    directory = tmp_path / "mosquitto"
+    directory.mkdir()
+    broker = Mosquitto(directory)
     yield broker
     broker.stop()
 
