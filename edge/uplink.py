@@ -373,11 +373,12 @@ class Uplink:
         """Delete the entries that receipts confirm, and queue again those that a receipt shows were lost."""
         for entry_id in self._outbox.released_ids():
             self._delivered.pop(entry_id, None)
-        confirmed: list[int] = []
+        # Ids in the order found. Receipts are cumulative, so two of them often confirm the same entry.
+        confirmed: dict[int, None] = {}
         while self._receipts_in:
             receipt = self._receipts_in.popleft()
             self.counters["receipts"] += 1
-            confirmed.extend(entry_id for entry_id, waiting in self._delivered.items()
+            confirmed.update((entry_id, None) for entry_id, waiting in self._delivered.items()
                              if receipt.covers(waiting.first_sequence))
             # The station can commit a message before the sender has seen the broker's PUBACK for it.
             self._confirmed_early.update(entry.id for entry in in_flight.values()
@@ -388,7 +389,7 @@ class Uplink:
         confirmed_windows = sum(self._delivered[entry_id].windows for entry_id in confirmed)
         for entry_id in confirmed:
             del self._delivered[entry_id]
-        self._outbox.remove(confirmed)
+        self._outbox.remove(list(confirmed))
         if self._on_delivered is not None:
             self._on_delivered(confirmed_windows, [])
         self.counters["confirmed"] += len(confirmed)

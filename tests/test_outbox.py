@@ -7,12 +7,14 @@ import json
 import random
 import sqlite3
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from dawnchorus.edge.backoff import Backoff
 from dawnchorus.edge.outbox import Outbox
+from dawnchorus.edge.uplink import Uplink
 from dawnchorus.protocol.embeddings import PayloadError
-from dawnchorus.protocol.messages import Status
+from dawnchorus.protocol.messages import Receipt, Status
 
 TOPIC = "dawnchorus/v1/site/rec/embeddings"
 
@@ -226,3 +228,44 @@ def test_status_negative_queue_field_rejected():
                       "queue_dropped": -1}).encode()
     with pytest.raises(PayloadError, match="queue_dropped"):
         Status.decode(bad)
+
+
+def _uplink_with_delivered(tmp_path, count: int):
+    """An uplink that never connects, whose first ``count`` outbox entries the broker has acknowledged.
+
+    The sender's steps run on the test's thread, as they would on the sender thread.
+    """
+    outbox = Outbox(tmp_path / "outbox.sqlite3", max_bytes=None)
+    _fill(outbox, count)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-uplink")
+    uplink = Uplink(client, "127.0.0.1", 1, 30, outbox, Backoff(1, 2), "rec", receipts=True)
+    in_flight = {mid: entry for mid, entry in enumerate(outbox.take(count), start=1)}
+    uplink._acknowledged_mids.extend(in_flight)
+    uplink._collect_acknowledged(in_flight)
+    return uplink, outbox, in_flight
+
+
+def test_uplink_applies_overlapping_receipts_once(tmp_path):
+    uplink, outbox, in_flight = _uplink_with_delivered(tmp_path, 3)
+    assert outbox.stats().depth == 3
+    # Receipts are cumulative: the second one confirms the first entry again.
+    uplink.on_receipt(Receipt("rec", "site", [(0, 4)]))
+    uplink.on_receipt(Receipt("rec", "site", [(0, 8)]))
+    uplink._apply_receipts(in_flight)
+
+    assert outbox.stats().depth == 1
+    assert uplink.counters["confirmed"] == 2
+    assert uplink._resend == []
+    outbox.close()
+
+
+def test_uplink_resends_entry_a_later_receipt_skips(tmp_path):
+    uplink, outbox, in_flight = _uplink_with_delivered(tmp_path, 3)
+    # Entries hold windows 0-3, 4-7 and 8-11. The station confirmed the first and the third, so the
+    # broker lost the second, which it had acknowledged before the third.
+    uplink.on_receipt(Receipt("rec", "site", [(0, 4), (8, 12)]))
+    uplink._apply_receipts(in_flight)
+
+    assert outbox.stats().depth == 1
+    assert [outbox.get(entry_id).first_sequence for entry_id in uplink._resend] == [4]
+    outbox.close()
