@@ -48,6 +48,8 @@ umask 077
 # heads (protocol/topics.py).
 readonly TOPIC_ROOT="dawnchorus/v1"
 readonly MODEL_SEGMENT="model"
+# The topic level of base-station processes' stats (protocol/topics.py).
+readonly STATION_SEGMENT="_station"
 readonly DEVICE_KINDS=(embeddings detections status ack)
 # What the base station publishes to one recorder: receipts of committed embeddings.
 readonly RECEIPT_KIND="receipt"
@@ -170,6 +172,8 @@ write_acl() {
         done
         echo "topic write $TOPIC_ROOT/+/+/$RECEIPT_KIND"
         echo "topic readwrite $TOPIC_ROOT/+/$MODEL_SEGMENT/#"
+        echo "# Each base-station process's counters, retained under its MQTT client id."
+        echo "topic readwrite $TOPIC_ROOT/$STATION_SEGMENT/+/stats"
         while read -r site device; do
             echo
             echo "# Recorder $device of site $site: writes only its own topics, reads only its site's heads"

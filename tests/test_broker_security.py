@@ -365,6 +365,19 @@ def test_retained_heads_reach_only_their_site(connect):
         station.publish(forest_manifest, b"", retain=True)
 
 
+def test_only_base_station_publishes_stats(connect):
+    station = connect(BASE_STATION)
+    stats = topics.station_stats_topic("dawnchorus-base-station-1-of-1")
+    assert "Failure" not in station.subscribe(stats)
+    recorder = connect("rec-01")
+
+    recorder.publish(stats, b"forged stats")
+    station.publish(stats, b"station stats")
+
+    assert station.wait_for(stats, b"station stats")
+    assert [payload for _, payload, _ in station.messages] == [b"station stats"]
+
+
 def test_base_station_reads_recorder_topics(connect):
     station = _base_station_watching(connect)
     recorder = connect("rec-03")
