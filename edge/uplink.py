@@ -81,6 +81,17 @@ class _Delivered:
     windows: int = 0
 
 
+def _rejection_hint(reason_code) -> str:
+    """Return what to check after the broker rejected the connection, for the log line."""
+    text = str(reason_code).lower()
+    if "authorized" in text or "user name or password" in text:
+        return ("; check --mqtt-user and the password in DAWNCHORUS_MQTT_PASSWORD, or --mqtt-cert and --mqtt-key, "
+                "against the broker's password file or certificate authority")
+    if "identifier" in text:
+        return "; the broker rejected the client id, which is dawnchorus-recorder-<device id>"
+    return ""
+
+
 class Uplink:
     """Connects a paho client with jittered backoff and publishes an ``Outbox`` through it.
 
@@ -232,8 +243,8 @@ class Uplink:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            _LOGGER.error("recorder %s: the broker at %s:%d rejected the connection: %s", self._name, self._host,
-                          self._port, reason_code)
+            _LOGGER.error("recorder %s: the broker at %s:%d rejected the connection: %s%s", self._name, self._host,
+                          self._port, reason_code, _rejection_hint(reason_code))
             return
         self.connections += 1
         self._connected_since = time.monotonic()

@@ -713,21 +713,36 @@ class BaseStation:
                     self.flush_done.set()
                 continue
             staged: list[tuple[str, str, int, bytes]] = []
+            handled: list[_Received] = []
             for received in group:
                 try:
                     self._handle(received, staged)
                 except Exception:
                     self.counters["ingest_errors"] += 1
                     _LOGGER.exception("base station failed on a message on %s", received.topic)
+                handled.append(received)
                 # Rounds come after every message, as the windows arrive, however the messages were grouped.
-                self._run_rounds()
-            if self._commit(staged):
-                self._acknowledge(group)
-                self._send_receipts()
-            self._receipts_due.clear()
+                # What was handled is committed and acknowledged first: a round takes seconds, and a broker
+                # may give up waiting for a PUBACK (amqtt, the demo's broker, waits 5 s).
+                if any(adapter.round_due() for adapter in self.sites.values()):
+                    if not self._commit_and_acknowledge(staged, handled):
+                        break
+                    staged, handled = [], []
+                    self._run_rounds()
+            if handled:
+                self._commit_and_acknowledge(staged, handled)
             self._busy = False
             # Only now, with the group committed, may a snapshot cover its windows.
             self._save_snapshots()
+
+    def _commit_and_acknowledge(self, staged: list[tuple[str, str, int, bytes]], handled: list[_Received]) -> bool:
+        """Commit the staged windows, then acknowledge the handled messages and send receipts; return whether committed."""
+        committed = self._commit(staged)
+        if committed:
+            self._acknowledge(handled)
+            self._send_receipts()
+        self._receipts_due.clear()
+        return committed
 
     # Lifecycle ---------------------------------------------------------------
 

@@ -269,3 +269,16 @@ def test_uplink_resends_entry_a_later_receipt_skips(tmp_path):
     assert outbox.stats().depth == 1
     assert [outbox.get(entry_id).first_sequence for entry_id in uplink._resend] == [4]
     outbox.close()
+
+
+@pytest.mark.parametrize("code, hint", [(135, "DAWNCHORUS_MQTT_PASSWORD"), (134, "--mqtt-user"),
+                                        (133, "client id"), (136, "")])
+def test_uplink_rejection_names_what_to_check(code, hint):
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from dawnchorus.edge.uplink import _rejection_hint
+
+    text = _rejection_hint(ReasonCode(PacketTypes.CONNACK, identifier=code))
+    assert hint in text
+    assert bool(text) == bool(hint)
