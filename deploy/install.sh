@@ -253,7 +253,7 @@ if [ "$SYSTEM" = 1 ]; then
         systemctl daemon-reload
     fi
     config_file="$CONFIG_DIR/$ROLE.toml"
-    [ -e "$config_file" ] || log "next: write $config_file (docs/deployment.md)"
+    [ -e "$config_file" ] || log "next: write $config_file, starting from $SOURCE/deploy/$ROLE.toml (docs/deployment.md)"
     log "then: systemctl enable --now $UNIT; journalctl -u $UNIT -f"
 fi
 log "done: $ROLE with dawnchorus[$EXTRA] in $VENV"
