@@ -108,15 +108,22 @@ def option_key(action: argparse.Action) -> str | None:
 
 
 def option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """Return the options of ``parser`` that a file can set, by key."""
+    """Return the options of ``parser`` that a file can set, by key.
+
+    An option that stores into the destination of an earlier one, such as
+    ``--no-home-assistant`` after ``--home-assistant``, is that option's
+    command-line negation and gets no key of its own.
+    """
     actions = {}
+    destinations = set()
     for action in parser._actions:  # argparse has no public list of a parser's actions
         key = option_key(action)
         if key is None or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
             continue
-        if CONFIG_OPTION in action.option_strings:
+        if CONFIG_OPTION in action.option_strings or action.dest in destinations:
             continue
         actions[key] = action
+        destinations.add(action.dest)
     return actions
 
 
@@ -186,6 +193,9 @@ class _Converter:
         if type(action) is not argparse._StoreAction:
             raise _Invalid(f"{action.option_strings[0]} cannot be set in a configuration file; "
                            "give it on the command line")
+        if action.nargs == "?" and isinstance(raw, bool):
+            # An option with an optional value: true is the option without its value, false leaves it off.
+            return action.const if raw else action.default
         if action.nargs in (None, "?"):
             return self._scalar(key, raw, action)
         items = raw if isinstance(raw, list) else [raw]

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from dawnchorus.cli import build_parser
-from dawnchorus.config import CHECKS, ConfigError, ConfigurableParser, check_file, load_table, read_document
+from dawnchorus.config import (CHECKS, TABLES, ConfigError, ConfigurableParser, check_file, find_subparser,
+                               load_table, option_actions, read_document)
 from dawnchorus.models.species import SiteSpecies, SpeciesSpec, SpeciesThresholds
 from dawnchorus.protocol.signing import generate_key_files
 
@@ -132,6 +133,46 @@ def test_command_line_overrides_file(tmp_path):
     assert args.device == "rec-01"
 
 
+@pytest.mark.parametrize("line, option, dest, expected", [
+    ("stay = true", "--no-stay", "stay", False),
+    ("receipts = false", "--receipts", "await_receipts", True),
+    ("home_assistant = true", "--no-home-assistant", "home_assistant", None),
+])
+def test_command_line_turns_off_file_flag(tmp_path, line, option, dest, expected):
+    path = _write(tmp_path / "rec.toml", f'[recorder]\ndevice = "rec-01"\nsite = "forest-a"\n{line}\n')
+
+    from_file = _parse("edge", "run", "--config", str(path))
+    overridden = _parse("edge", "run", "--config", str(path), option)
+
+    assert getattr(from_file, dest) != expected
+    assert getattr(overridden, dest) == expected
+
+
+def test_home_assistant_key_takes_prefix_or_flag(tmp_path):
+    header = '[recorder]\ndevice = "rec-01"\nsite = "forest-a"\n'
+    path = _write(tmp_path / "rec.toml", header + 'home_assistant = "ha"\n')
+    assert _parse("edge", "run", "--config", str(path)).home_assistant == "ha"
+
+    path = _write(tmp_path / "rec.toml", header + 'home_assistant = true\n')
+    assert _parse("edge", "run", "--config", str(path)).home_assistant == "homeassistant"
+
+    path = _write(tmp_path / "rec.toml", header + 'home_assistant = false\n')
+    assert _parse("edge", "run", "--config", str(path)).home_assistant is None
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_every_file_flag_has_negation(table):
+    """A flag that a file can turn on must have a command-line form that turns it off."""
+    parser = find_subparser(build_parser(), TABLES[table])
+    for key, action in option_actions(parser).items():
+        is_flag = isinstance(action, (argparse._StoreConstAction, argparse.BooleanOptionalAction))
+        takes_optional_value = action.nargs == "?" and action.const is not None
+        if not (is_flag or takes_optional_value) or isinstance(action, argparse.BooleanOptionalAction):
+            continue
+        negations = [other for other in parser._actions if other is not action and other.dest == action.dest]
+        assert negations, f"{table}.{key}: {action.option_strings[0]} has no --no- form on the command line"
+
+
 def test_required_option_may_come_from_command_line(tmp_path):
     path = _write(tmp_path / "rec.toml", '[recorder]\nsite = "forest-a"\n')
     args = _parse("edge", "run", "--config", str(path), "--device", "rec-07")
@@ -246,3 +287,4 @@ def test_edge_and_server_run_from_config(mosquitto, observe, programs, tmp_path,
 def test_species_thresholds_file_follows_config(tmp_path):
     path = _write(tmp_path / "rec.toml", '[recorder]\ndevice = "r"\nsite = "s"\nspecies_thresholds = "t.txt"\n')
     assert _parse("edge", "run", "--config", str(path)).species_thresholds == tmp_path / "t.txt"
+
