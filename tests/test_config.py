@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -288,3 +289,24 @@ def test_species_thresholds_file_follows_config(tmp_path):
     path = _write(tmp_path / "rec.toml", '[recorder]\ndevice = "r"\nsite = "s"\nspecies_thresholds = "t.txt"\n')
     assert _parse("edge", "run", "--config", str(path)).species_thresholds == tmp_path / "t.txt"
 
+
+def _documented_keys(table: str) -> set[str]:
+    """Return the keys in the first column of the key table of ``table`` in docs/deployment.md."""
+    text = (REPO / "docs" / "deployment.md").read_text()
+    heading = f"`[{table}]` (`dawnchorus {' '.join(TABLES[table])}`):"
+    assert heading in text, f"docs/deployment.md has no key table headed {heading}"
+    rows = text.split(heading, 1)[1].lstrip("\n").split("\n\n", 1)[0]
+    keys = set()
+    for row in rows.splitlines():
+        first_cell = row.split("|")[1]
+        keys |= set(re.findall(r"`(\w+)`", first_cell))
+    return keys
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_docs_list_every_key(table):
+    keys = set(option_actions(find_subparser(build_parser(), TABLES[table])))
+    documented = _documented_keys(table)
+
+    assert keys - documented == set(), f"docs/deployment.md does not list these [{table}] keys"
+    assert documented - keys == set(), f"docs/deployment.md lists [{table}] keys that are no options"
