@@ -133,7 +133,8 @@ SPECIES_SPEC_HELP = ("SPEC is LAT,LON[,WEEK] (BirdNET's range model at that lati
 
 
 def add_species_arguments(parser: argparse.ArgumentParser) -> None:
-    from dawnchorus.models.species import range_threshold_argument, site_species_argument, species_spec_argument
+    from dawnchorus.models.species import (DEFAULT_RANGE_THRESHOLD, range_threshold_argument, site_species_argument,
+                                           species_spec_argument)
 
     group = parser.add_argument_group("site species lists", SPECIES_SPEC_HELP)
     group.add_argument(
@@ -144,8 +145,8 @@ def add_species_arguments(parser: argparse.ArgumentParser) -> None:
         "--default-species", type=species_spec_argument, metavar="SPEC", default="all",
         help="species list of sites not named with --site-species (default: all model classes)",
     )
-    group.add_argument("--range-threshold", type=range_threshold_argument, default=None, metavar="SCORE",
-                       help="range model occurrence threshold (default 0.03, as BirdNET)")
+    group.add_argument("--range-threshold", type=range_threshold_argument, default=DEFAULT_RANGE_THRESHOLD,
+                       metavar="SCORE", help="range model occurrence threshold (default %(default)s, as BirdNET)")
 
 
 def adaptation_arguments(parser: argparse.ArgumentParser, defaults) -> None:
@@ -201,7 +202,8 @@ def _run_until_signal(stop) -> None:
 
 
 def add_recorder_species_arguments(parser: argparse.ArgumentParser) -> None:
-    from dawnchorus.models.species import add_threshold_arguments, range_threshold_argument, species_spec_argument
+    from dawnchorus.models.species import (DEFAULT_RANGE_THRESHOLD, add_threshold_arguments, range_threshold_argument,
+                                           species_spec_argument)
 
     group = parser.add_argument_group("species", SPECIES_SPEC_HELP)
     species = group.add_mutually_exclusive_group()
@@ -211,8 +213,8 @@ def add_recorder_species_arguments(parser: argparse.ArgumentParser) -> None:
                               "(default: all model classes)")
     species.add_argument("--species-file", type=pathlib.Path, default=None, metavar="FILE",
                          help="the same as --species @FILE")
-    group.add_argument("--range-threshold", type=range_threshold_argument, default=None, metavar="SCORE",
-                       help="range model occurrence threshold (default 0.03, as BirdNET)")
+    group.add_argument("--range-threshold", type=range_threshold_argument, default=DEFAULT_RANGE_THRESHOLD,
+                       metavar="SCORE", help="range model occurrence threshold (default %(default)s, as BirdNET)")
     add_threshold_arguments(group)
 
 

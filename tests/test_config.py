@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import pathlib
 import re
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 from dawnchorus.cli import build_parser
 from dawnchorus.config import (CHECKS, TABLES, ConfigError, ConfigurableParser, check_file, find_subparser,
-                               load_table, option_actions, read_document)
+                               load_table, option_actions, print_effective, read_document)
 from dawnchorus.models.species import SiteSpecies, SpeciesSpec, SpeciesThresholds
 from dawnchorus.protocol.signing import generate_key_files
 
@@ -101,6 +102,51 @@ def test_every_invalid_key_reported(tmp_path):
     assert "recorder.stay = \"yes\": must be true or false; write stay = true or stay = false" in problems[1]
     assert "recorder.precision is not a setting" in problems[2]
     assert "invalid broker 'host:99999'" in problems[3]
+
+
+def test_check_reports_all_problems_in_one_pass(tmp_path):
+    # Invalid keys and values, and the checks of ids and species files, which need the valid values.
+    path = _write(tmp_path / "rec.toml", '[recorder]\ndevice = "rec 01"\nsite = "forest-a"\nmin_cnf = 0.7\n'
+                                         'sensitivity = 3.0\noverlap = "x"\nspecies = "all"\n'
+                                         'species_file = "nowhere.txt"\n'
+                                         '[recorder.species_thresholds]\n"Nonexistus birdus" = 0.9\n')
+    problems = _problems(path)
+
+    assert len(problems) == 7, problems
+    assert "recorder.min_cnf is not a setting" in problems[0]
+    assert "recorder.sensitivity = 3.0" in problems[1]
+    assert "recorder.overlap = \"x\": must be a number" in problems[2]
+    assert "species and species_file exclude each other" in problems[3]
+    assert problems[4].startswith("recorder.device: invalid device id 'rec 01'")
+    assert problems[5].startswith("recorder.species_file: cannot read species file")
+    assert problems[6].startswith("recorder.species_thresholds: 1 species match no model label")
+
+
+def test_unknown_table_does_not_hide_others(tmp_path):
+    path = _write(tmp_path / "rec.toml", '[basestation]\nbuffer = 10\n[recorder]\ndevice = "rec 01"\n'
+                                         'min_cnf = 0.7\n')
+    problems = _problems(path)
+
+    assert len(problems) == 3, problems
+    assert "unknown table [basestation] (did you mean base_station?)" in problems[0]
+    assert "recorder.min_cnf is not a setting" in problems[1]
+    assert problems[2].startswith("recorder.device: invalid device id 'rec 01'")
+
+
+def test_thresholds_problem_names_key_once(tmp_path):
+    path = _write(tmp_path / "rec.toml", '[recorder.species_thresholds]\n"Nonexistus birdus" = 0.9\n')
+    (problem,) = _problems(path)
+
+    assert problem.startswith("recorder.species_thresholds: 1 species match no model label")
+    assert problem.count("species_thresholds:") == 1
+
+
+def test_check_prints_range_threshold_default(tmp_path):
+    path = _write(tmp_path / "rec.toml", '[recorder]\ndevice = "rec-01"\nsite = "forest-a"\n')
+    stream = io.StringIO()
+    print_effective(check_file(path, build_parser(), CHECKS), stream)
+
+    assert "range_threshold = 0.03  # default" in stream.getvalue().splitlines()
 
 
 def test_choices_checked(tmp_path):
