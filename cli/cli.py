@@ -133,7 +133,8 @@ SPECIES_SPEC_HELP = ("SPEC is LAT,LON[,WEEK] (BirdNET's range model at that lati
 
 
 def add_species_arguments(parser: argparse.ArgumentParser) -> None:
-    from dawnchorus.models.species import range_threshold_argument, site_species_argument, species_spec_argument
+    from dawnchorus.models.species import (DEFAULT_RANGE_THRESHOLD, range_threshold_argument, site_species_argument,
+                                           species_spec_argument)
 
     group = parser.add_argument_group("site species lists", SPECIES_SPEC_HELP)
     group.add_argument(
@@ -144,8 +145,8 @@ def add_species_arguments(parser: argparse.ArgumentParser) -> None:
         "--default-species", type=species_spec_argument, metavar="SPEC", default="all",
         help="species list of sites not named with --site-species (default: all model classes)",
     )
-    group.add_argument("--range-threshold", type=range_threshold_argument, default=None, metavar="SCORE",
-                       help="range model occurrence threshold (default 0.03, as BirdNET)")
+    group.add_argument("--range-threshold", type=range_threshold_argument, default=DEFAULT_RANGE_THRESHOLD,
+                       metavar="SCORE", help="range model occurrence threshold (default %(default)s, as BirdNET)")
 
 
 def adaptation_arguments(parser: argparse.ArgumentParser, defaults) -> None:
@@ -201,7 +202,8 @@ def _run_until_signal(stop) -> None:
 
 
 def add_recorder_species_arguments(parser: argparse.ArgumentParser) -> None:
-    from dawnchorus.models.species import add_threshold_arguments, range_threshold_argument, species_spec_argument
+    from dawnchorus.models.species import (DEFAULT_RANGE_THRESHOLD, add_threshold_arguments, range_threshold_argument,
+                                           species_spec_argument)
 
     group = parser.add_argument_group("species", SPECIES_SPEC_HELP)
     species = group.add_mutually_exclusive_group()
@@ -211,8 +213,8 @@ def add_recorder_species_arguments(parser: argparse.ArgumentParser) -> None:
                               "(default: all model classes)")
     species.add_argument("--species-file", type=pathlib.Path, default=None, metavar="FILE",
                          help="the same as --species @FILE")
-    group.add_argument("--range-threshold", type=range_threshold_argument, default=None, metavar="SCORE",
-                       help="range model occurrence threshold (default 0.03, as BirdNET)")
+    group.add_argument("--range-threshold", type=range_threshold_argument, default=DEFAULT_RANGE_THRESHOLD,
+                       metavar="SCORE", help="range model occurrence threshold (default %(default)s, as BirdNET)")
     add_threshold_arguments(group)
 
 
@@ -252,7 +254,7 @@ def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replay these files or folders instead of capturing from a microphone")
     parser.add_argument("--speed", type=float, default=1.0,
                         help="replay speed for --input: 1 is real time, 0 as fast as possible (default 1)")
-    parser.add_argument("--stay", action="store_true",
+    parser.add_argument("--stay", action=argparse.BooleanOptionalAction, default=False,
                         help="after replaying --input, keep running to receive heads until stopped")
     parser.add_argument("--mic-device", default=None, help="sounddevice input device index or name")
     parser.add_argument("--mic-samplerate", type=int, default=48_000, help="capture sample rate in Hz")
@@ -283,6 +285,10 @@ def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="publish Home Assistant MQTT discovery configs (sensors for the last species and its "
                              "confidence, a binary sensor for online state) under PREFIX (default homeassistant), "
                              "and the retained last detection they read; off by default")
+    # The negative form shares the key home_assistant in a configuration file.
+    parser.add_argument("--no-home-assistant", dest="home_assistant", action="store_const", const=None,
+                        help="publish no Home Assistant discovery configs, even if the configuration file sets "
+                             "home_assistant")
 
     queue = parser.add_argument_group("store and forward")
     queue.add_argument("--queue-max-mb", type=float, default=RecorderConfig.queue_max_bytes / 2**20, metavar="MIB",
@@ -301,10 +307,11 @@ def add_edge_run_arguments(parser: argparse.ArgumentParser) -> None:
                        help="after --input ends (without --stay), wait this long for queued messages to be "
                             "acknowledged before exiting; the rest is sent after the next start "
                             "(default %(default)s)")
-    queue.add_argument("--no-receipts", dest="await_receipts", action="store_false",
-                       help="delete a queued embeddings message at the broker's acknowledgement instead of waiting "
-                            "for the base station's receipt; only for a recorder whose embeddings no dawnchorus "
-                            "base station receives, since a broker crash can then lose messages")
+    queue.add_argument("--receipts", dest="await_receipts", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep a queued embeddings message until the base station's receipt confirms it. "
+                            "--no-receipts deletes it at the broker's acknowledgement instead; only for a recorder "
+                            "whose embeddings no dawnchorus base station receives, since a broker crash can then "
+                            "lose messages")
     queue.add_argument("--receipt-timeout", type=float, default=RecorderConfig.receipt_timeout_s, metavar="SECONDS",
                        help="with no receipt for this long while messages wait for one, send the oldest again as a "
                             "probe (default %(default)s)")

@@ -71,7 +71,23 @@ class Setting:
 
 
 def read_document(path: pathlib.Path) -> dict[str, Any]:
-    """Parse a TOML file and check that it contains only known tables."""
+    """Parse a TOML file and check that it contains only known tables.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or has unknown tables.
+    """
+    document, problems = parse_document(path)
+    if problems:
+        raise ConfigError(path, problems)
+    return document
+
+
+def parse_document(path: pathlib.Path) -> tuple[dict[str, Any], list[str]]:
+    """Parse a TOML file; return the document and the problems of its top level (unknown tables, stray keys).
+
+    Raises:
+        ConfigError: the file cannot be read or is not valid TOML, so nothing else can be checked.
+    """
     try:
         with open(path, "rb") as stream:
             document = tomllib.load(stream)
@@ -94,9 +110,7 @@ def read_document(path: pathlib.Path) -> dict[str, Any]:
         else:
             problems.append(f"{name} is outside a table: put it under "
                             f"{' or '.join(f'[{table}]' for table in TABLES)}")
-    if problems:
-        raise ConfigError(path, problems)
-    return document
+    return document, problems
 
 
 def option_key(action: argparse.Action) -> str | None:
@@ -108,15 +122,22 @@ def option_key(action: argparse.Action) -> str | None:
 
 
 def option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """Return the options of ``parser`` that a file can set, by key."""
+    """Return the options of ``parser`` that a file can set, by key.
+
+    An option that stores into the destination of an earlier one, such as
+    ``--no-home-assistant`` after ``--home-assistant``, is that option's
+    command-line negation and gets no key of its own.
+    """
     actions = {}
+    destinations = set()
     for action in parser._actions:  # argparse has no public list of a parser's actions
         key = option_key(action)
         if key is None or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
             continue
-        if CONFIG_OPTION in action.option_strings:
+        if CONFIG_OPTION in action.option_strings or action.dest in destinations:
             continue
         actions[key] = action
+        destinations.add(action.dest)
     return actions
 
 
@@ -186,6 +207,9 @@ class _Converter:
         if type(action) is not argparse._StoreAction:
             raise _Invalid(f"{action.option_strings[0]} cannot be set in a configuration file; "
                            "give it on the command line")
+        if action.nargs == "?" and isinstance(raw, bool):
+            # An option with an optional value: true is the option without its value, false leaves it off.
+            return action.const if raw else action.default
         if action.nargs in (None, "?"):
             return self._scalar(key, raw, action)
         items = raw if isinstance(raw, list) else [raw]
@@ -254,6 +278,16 @@ def load_table(
     if table not in document:
         raise ConfigError(path, [f"no [{table}] table: the settings of 'dawnchorus {' '.join(TABLES[table])}' "
                                  f"go under a line [{table}]"])
+    settings, problems = convert_table(path, document, table, parser)
+    if problems:
+        raise ConfigError(path, problems)
+    return settings
+
+
+def convert_table(
+    path: pathlib.Path, document: dict[str, Any], table: str, parser: argparse.ArgumentParser
+) -> tuple[dict[str, Setting], list[str]]:
+    """Convert the keys of ``table``; return the valid settings and a problem for each invalid key."""
     actions = option_actions(parser)
     converter = _Converter(table, " ".join(TABLES[table]), path.resolve().parent)
     settings: dict[str, Setting] = {}
@@ -272,9 +306,7 @@ def load_table(
         both = [key for key, setting in settings.items() if setting.action in group._group_actions]
         if len(both) > 1:
             converter.problems.append(f"{table}: {' and '.join(both)} exclude each other; keep one")
-    if converter.problems:
-        raise ConfigError(path, converter.problems)
-    return settings
+    return settings, converter.problems
 
 
 def apply_settings(settings: dict[str, Setting]) -> None:
@@ -362,22 +394,24 @@ def check_file(path: pathlib.Path, parser: argparse.ArgumentParser, checks: dict
     ``checks`` maps a table to a function that validates the resolved
     namespace further (species files, ids) and returns a list of problems.
 
+    All problems are collected in one pass: an unknown table does not stop
+    the checks of the known ones, and the checks of ``checks`` run on the
+    keys whose values are valid. A key whose value is invalid is checked no
+    further, and a file that is not valid TOML is not checked at all.
+
     Raises:
         ConfigError: listing every problem of the file.
     """
-    document = read_document(path)
+    document, problems = parse_document(path)
     if not document:
         raise ConfigError(path, [f"no settings: add a {' or '.join(f'[{table}]' for table in TABLES)} table"])
-    results, problems = [], []
+    results = []
     for table, command in TABLES.items():
-        if table not in document:
+        if not isinstance(document.get(table), dict):
             continue
         command_parser = find_subparser(parser, command)
-        try:
-            settings = load_table(path, document, table, command_parser)
-        except ConfigError as error:
-            problems += error.problems
-            continue
+        settings, table_problems = convert_table(path, document, table, command_parser)
+        problems += table_problems
         namespace = effective_namespace(command_parser, settings)
         if checks and table in checks:
             problems += [f"{table}.{problem}" for problem in checks[table](namespace)]
@@ -469,7 +503,11 @@ def _check_species_thresholds(namespace: argparse.Namespace, labels: list[str]) 
         if thresholds is not None:
             thresholds.resolve(labels)
     except SpeciesListError as error:
-        return [f"species_thresholds: {error}"]
+        # A table's errors already name their source, e.g. "recorder.species_thresholds: ...".
+        message = str(error)
+        for table in TABLES:
+            message = message.removeprefix(f"{table}.species_thresholds: ")
+        return [f"species_thresholds: {message}"]
     return []
 
 

@@ -15,7 +15,8 @@
 #                and Python, and tflite-runtime 2.14 otherwise (Python 3.11 at
 #                most, numpy < 2, fp32 and fp16 heads only).
 #   --python     the interpreter for the virtual environment (default python3).
-#   --prefix     where the virtual environment goes (default /opt/dawnchorus).
+#   --prefix     where the virtual environment goes (default /opt/dawnchorus,
+#                and required with --no-system).
 #   --no-model   do not fetch the BirdNET model files into /var/cache/dawnchorus.
 #   --no-system  skip every step that needs root or changes the system (apt
 #                packages, the service user, /etc, the model cache, systemctl):
@@ -47,6 +48,7 @@ ROLE=recorder
 RUNTIME=auto
 PYTHON=python3
 PREFIX=/opt/dawnchorus
+PREFIX_GIVEN=0
 SYSTEM=1
 FETCH_MODEL=1
 SERVICE_USER=dawnchorus
@@ -79,7 +81,7 @@ while [ $# -gt 0 ]; do
         --role) ROLE=${2:?--role needs recorder or base-station}; shift 2 ;;
         --runtime) RUNTIME=${2:?--runtime needs auto, litert or tflite-runtime}; shift 2 ;;
         --python) PYTHON=${2:?--python needs an interpreter}; shift 2 ;;
-        --prefix) PREFIX=${2:?--prefix needs a folder}; shift 2 ;;
+        --prefix) PREFIX=${2:?--prefix needs a folder}; PREFIX_GIVEN=1; shift 2 ;;
         --no-model) FETCH_MODEL=0; shift ;;
         --no-system) SYSTEM=0; shift ;;
         --detect-only) DETECT_ONLY=1; shift ;;
@@ -88,6 +90,10 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+# Without root, the default prefix /opt/dawnchorus is the system installation's.
+if [ "$SYSTEM" = 0 ] && [ "$PREFIX_GIVEN" = 0 ]; then
+    die "--no-system needs --prefix DIR, a folder of your own for the virtual environment and the units (e.g. --prefix ~/dawnchorus)"
+fi
 case "$ROLE" in
     recorder|base-station) ;;
     *) die "invalid --role $ROLE: use recorder or base-station" ;;
@@ -247,7 +253,7 @@ if [ "$SYSTEM" = 1 ]; then
         systemctl daemon-reload
     fi
     config_file="$CONFIG_DIR/$ROLE.toml"
-    [ -e "$config_file" ] || log "next: write $config_file (docs/deployment.md)"
+    [ -e "$config_file" ] || log "next: write $config_file, starting from $SOURCE/deploy/$ROLE.toml (docs/deployment.md)"
     log "then: systemctl enable --now $UNIT; journalctl -u $UNIT -f"
 fi
 log "done: $ROLE with dawnchorus[$EXTRA] in $VENV"

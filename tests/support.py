@@ -54,3 +54,54 @@ def accepted_windows(server_state: pathlib.Path, site: str) -> int:
     """Return the windows that the station persisted for ``site``, from every device."""
     entry = inspect_station(server_state).get(site)
     return sum(device["accepted_windows"] for device in entry["devices"].values()) if entry else 0
+
+
+# /etc/mosquitto/mosquitto.conf as Debian's mosquitto package 2.0.11-1.2+deb12u2 installs it (Ubuntu's
+# and Raspberry Pi OS's packages derive from it). The shipped deploy/mosquitto/*.conf files go into its include_dir.
+DEBIAN_MOSQUITTO_CONF = """\
+# Place your local configuration in /etc/mosquitto/conf.d/
+#
+# A full description of the configuration file is at
+# /usr/share/doc/mosquitto/examples/mosquitto.conf.example
+
+pid_file /run/mosquitto/mosquitto.pid
+
+persistence true
+persistence_location /var/lib/mosquitto/
+
+log_dest file /var/log/mosquitto/mosquitto.log
+
+include_dir /etc/mosquitto/conf.d
+"""
+
+
+def config_keys(text: str) -> set[str]:
+    """Return the keys that the lines of a Mosquitto configuration set, without comments."""
+    keys = set()
+    for line in text.splitlines():
+        words = line.split()
+        if words and not words[0].startswith("#"):
+            keys.add(words[0])
+    return keys
+
+
+def debian_layout(directory: pathlib.Path, snippet: str, log_dest: str = "stderr") -> str:
+    """Install ``snippet`` as ``directory``/conf.d/dawnchorus.conf and return Debian's main file for it.
+
+    The main file keeps Debian's lines in their order, with only the host
+    paths moved into ``directory``: pid file, persistence folder, the log
+    (``log_dest``) and the include_dir.
+    """
+    include_dir = directory / "conf.d"
+    include_dir.mkdir(exist_ok=True)
+    (include_dir / "dawnchorus.conf").write_text(snippet)
+    replacements = [
+        ("pid_file /run/mosquitto/mosquitto.pid", f"pid_file {directory / 'mosquitto.pid'}"),
+        ("persistence_location /var/lib/mosquitto/", f"persistence_location {directory}/"),
+        ("log_dest file /var/log/mosquitto/mosquitto.log", f"log_dest {log_dest}"),
+        ("include_dir /etc/mosquitto/conf.d", f"include_dir {include_dir}"),
+    ]
+    text = DEBIAN_MOSQUITTO_CONF
+    for old, new in replacements:
+        text = text.replace(old, new)
+    return text

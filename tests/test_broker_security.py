@@ -30,6 +30,7 @@ import pytest
 
 from dawnchorus.protocol import home_assistant, topics
 from dawnchorus.protocol.tls import TlsSettings
+from support import debian_layout
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "deploy" / "make-credentials.sh"
@@ -75,15 +76,15 @@ class SecureBroker:
         replacements = [
             (INSTALLED_DIR, f"{self.credentials / 'broker'}/"),
             ("listener 8883\n", f"listener {self.port} 127.0.0.1\n"),
-            ("persistence true\n", "persistence false\n"),
-            ("log_dest syslog\n", "log_dest stderr\n"),
         ]
         for old, new in replacements:
             assert old in config, f"{TLS_CONFIG} no longer contains {old!r}; update this fixture"
             config = config.replace(old, new)
+        # The shipped file is a snippet in the include_dir of Debian's mosquitto.conf, as installed.
+        config = debian_layout(directory, config + "log_type all\n")
         # Mosquitto started as root changes to the user 'mosquitto', which cannot read
         # pytest's private temporary folders; this keeps it running as the test's user.
-        config += f"user {getpass.getuser()}\nlog_type all\n"
+        config += f"user {getpass.getuser()}\n"
         self.config_path = directory / "mosquitto-tls.conf"
         self.config_path.write_text(config)
         self.log_path = directory / "mosquitto.log"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -11,7 +13,8 @@ import time
 import pytest
 
 from dawnchorus.cli import build_parser
-from dawnchorus.config import CHECKS, ConfigError, ConfigurableParser, check_file, load_table, read_document
+from dawnchorus.config import (CHECKS, TABLES, ConfigError, ConfigurableParser, check_file, find_subparser,
+                               load_table, option_actions, print_effective, read_document)
 from dawnchorus.models.species import SiteSpecies, SpeciesSpec, SpeciesThresholds
 from dawnchorus.protocol.signing import generate_key_files
 
@@ -101,6 +104,51 @@ def test_every_invalid_key_reported(tmp_path):
     assert "invalid broker 'host:99999'" in problems[3]
 
 
+def test_check_reports_all_problems_in_one_pass(tmp_path):
+    # Invalid keys and values, and the checks of ids and species files, which need the valid values.
+    path = _write(tmp_path / "rec.toml", '[recorder]\ndevice = "rec 01"\nsite = "forest-a"\nmin_cnf = 0.7\n'
+                                         'sensitivity = 3.0\noverlap = "x"\nspecies = "all"\n'
+                                         'species_file = "nowhere.txt"\n'
+                                         '[recorder.species_thresholds]\n"Nonexistus birdus" = 0.9\n')
+    problems = _problems(path)
+
+    assert len(problems) == 7, problems
+    assert "recorder.min_cnf is not a setting" in problems[0]
+    assert "recorder.sensitivity = 3.0" in problems[1]
+    assert "recorder.overlap = \"x\": must be a number" in problems[2]
+    assert "species and species_file exclude each other" in problems[3]
+    assert problems[4].startswith("recorder.device: invalid device id 'rec 01'")
+    assert problems[5].startswith("recorder.species_file: cannot read species file")
+    assert problems[6].startswith("recorder.species_thresholds: 1 species match no model label")
+
+
+def test_unknown_table_does_not_hide_others(tmp_path):
+    path = _write(tmp_path / "rec.toml", '[basestation]\nbuffer = 10\n[recorder]\ndevice = "rec 01"\n'
+                                         'min_cnf = 0.7\n')
+    problems = _problems(path)
+
+    assert len(problems) == 3, problems
+    assert "unknown table [basestation] (did you mean base_station?)" in problems[0]
+    assert "recorder.min_cnf is not a setting" in problems[1]
+    assert problems[2].startswith("recorder.device: invalid device id 'rec 01'")
+
+
+def test_thresholds_problem_names_key_once(tmp_path):
+    path = _write(tmp_path / "rec.toml", '[recorder.species_thresholds]\n"Nonexistus birdus" = 0.9\n')
+    (problem,) = _problems(path)
+
+    assert problem.startswith("recorder.species_thresholds: 1 species match no model label")
+    assert problem.count("species_thresholds:") == 1
+
+
+def test_check_prints_range_threshold_default(tmp_path):
+    path = _write(tmp_path / "rec.toml", '[recorder]\ndevice = "rec-01"\nsite = "forest-a"\n')
+    stream = io.StringIO()
+    print_effective(check_file(path, build_parser(), CHECKS), stream)
+
+    assert "range_threshold = 0.03  # default" in stream.getvalue().splitlines()
+
+
 def test_choices_checked(tmp_path):
     path = _write(tmp_path / "bs.toml", '[base_station]\nprecision = "int8"\n')
     assert "must be one of fp16, fp32" in _problems(path)[0]
@@ -130,6 +178,46 @@ def test_command_line_overrides_file(tmp_path):
     assert args.min_conf == 0.9
     assert args.site == "meadow"
     assert args.device == "rec-01"
+
+
+@pytest.mark.parametrize("line, option, dest, expected", [
+    ("stay = true", "--no-stay", "stay", False),
+    ("receipts = false", "--receipts", "await_receipts", True),
+    ("home_assistant = true", "--no-home-assistant", "home_assistant", None),
+])
+def test_command_line_turns_off_file_flag(tmp_path, line, option, dest, expected):
+    path = _write(tmp_path / "rec.toml", f'[recorder]\ndevice = "rec-01"\nsite = "forest-a"\n{line}\n')
+
+    from_file = _parse("edge", "run", "--config", str(path))
+    overridden = _parse("edge", "run", "--config", str(path), option)
+
+    assert getattr(from_file, dest) != expected
+    assert getattr(overridden, dest) == expected
+
+
+def test_home_assistant_key_takes_prefix_or_flag(tmp_path):
+    header = '[recorder]\ndevice = "rec-01"\nsite = "forest-a"\n'
+    path = _write(tmp_path / "rec.toml", header + 'home_assistant = "ha"\n')
+    assert _parse("edge", "run", "--config", str(path)).home_assistant == "ha"
+
+    path = _write(tmp_path / "rec.toml", header + 'home_assistant = true\n')
+    assert _parse("edge", "run", "--config", str(path)).home_assistant == "homeassistant"
+
+    path = _write(tmp_path / "rec.toml", header + 'home_assistant = false\n')
+    assert _parse("edge", "run", "--config", str(path)).home_assistant is None
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_every_file_flag_has_negation(table):
+    """A flag that a file can turn on must have a command-line form that turns it off."""
+    parser = find_subparser(build_parser(), TABLES[table])
+    for key, action in option_actions(parser).items():
+        is_flag = isinstance(action, (argparse._StoreConstAction, argparse.BooleanOptionalAction))
+        takes_optional_value = action.nargs == "?" and action.const is not None
+        if not (is_flag or takes_optional_value) or isinstance(action, argparse.BooleanOptionalAction):
+            continue
+        negations = [other for other in parser._actions if other is not action and other.dest == action.dest]
+        assert negations, f"{table}.{key}: {action.option_strings[0]} has no --no- form on the command line"
 
 
 def test_required_option_may_come_from_command_line(tmp_path):
@@ -246,3 +334,25 @@ def test_edge_and_server_run_from_config(mosquitto, observe, programs, tmp_path,
 def test_species_thresholds_file_follows_config(tmp_path):
     path = _write(tmp_path / "rec.toml", '[recorder]\ndevice = "r"\nsite = "s"\nspecies_thresholds = "t.txt"\n')
     assert _parse("edge", "run", "--config", str(path)).species_thresholds == tmp_path / "t.txt"
+
+
+def _documented_keys(table: str) -> set[str]:
+    """Return the keys in the first column of the key table of ``table`` in docs/deployment.md."""
+    text = (REPO / "docs" / "deployment.md").read_text()
+    heading = f"`[{table}]` (`dawnchorus {' '.join(TABLES[table])}`):"
+    assert heading in text, f"docs/deployment.md has no key table headed {heading}"
+    rows = text.split(heading, 1)[1].lstrip("\n").split("\n\n", 1)[0]
+    keys = set()
+    for row in rows.splitlines():
+        first_cell = row.split("|")[1]
+        keys |= set(re.findall(r"`(\w+)`", first_cell))
+    return keys
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_docs_list_every_key(table):
+    keys = set(option_actions(find_subparser(build_parser(), TABLES[table])))
+    documented = _documented_keys(table)
+
+    assert keys - documented == set(), f"docs/deployment.md does not list these [{table}] keys"
+    assert documented - keys == set(), f"docs/deployment.md lists [{table}] keys that are no options"

@@ -154,3 +154,13 @@ def test_install_rejects_bad_option(tmp_path, arguments, message):
 
     assert process.returncode == 2
     assert message in process.stderr
+
+
+def test_install_no_system_requires_prefix(tmp_path):
+    # Without --prefix, the default /opt/dawnchorus belongs to the system installation.
+    process = subprocess.run(["bash", str(INSTALL), "--no-system"], capture_output=True, text=True, timeout=60,
+                             cwd=tmp_path)
+
+    assert process.returncode == 2
+    assert "--no-system needs --prefix DIR" in process.stderr
+    assert "creating the virtual environment" not in process.stderr

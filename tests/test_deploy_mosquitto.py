@@ -1,10 +1,12 @@
-"""Mosquitto running the shipped deploy/mosquitto/dawnchorus.conf: a base station that is offline
-while recorders publish, and across a broker restart, receives every batch afterwards."""
+"""Mosquitto running the shipped deploy/mosquitto/dawnchorus.conf as a conf.d snippet of Debian's
+mosquitto.conf: the snippet starts there, and a base station that is offline while recorders publish,
+and across a broker restart, receives every batch afterwards."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import threading
 import time
@@ -17,9 +19,11 @@ import soundfile
 from dawnchorus.models.backbone import Backbone, load_source_model
 from dawnchorus.protocol import topics
 from dawnchorus.protocol.embeddings import EmbeddingBatch, decode_embeddings, encode_embeddings
+from support import DEBIAN_MOSQUITTO_CONF, config_keys, debian_layout
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEPLOY_CONFIG = REPO / "deploy" / "mosquitto" / "dawnchorus.conf"
+TLS_CONFIG = REPO / "deploy" / "mosquitto" / "dawnchorus-tls.conf"
 SITE, DEVICE = "queue-site", "rec-queue"
 
 # Batches published while the station is offline: two and a half times
@@ -28,17 +32,14 @@ BATCHES = 2500
 
 
 def _shipped_config(directory: pathlib.Path, changes: dict[str, str]):
-    """Return the shipped configuration for a port, with only its host-specific lines replaced.
+    """Return Debian's main configuration for a port, including the shipped snippet from its conf.d.
 
-    The listener binds to loopback on the test's port, and the password file,
-    persistence folder and log point into ``directory``. ``changes`` replaces
-    further settings by name.
+    The snippet's listener binds to loopback on the test's port and its
+    password file points into ``directory``; Debian's lines keep their keys,
+    with the persistence folder and the log moved into ``directory``
+    (``support.debian_layout``). ``changes`` replaces further settings of the
+    snippet by name.
     """
-    host_specific = {
-        "password_file": str(directory / "passwd"),
-        "persistence_location": f"{directory}/",
-        "log_dest": "stderr",
-    }
 
     def render(port: int) -> str:
         lines = []
@@ -46,15 +47,24 @@ def _shipped_config(directory: pathlib.Path, changes: dict[str, str]):
             key = line.split(" ", 1)[0]
             if key == "listener":
                 line = f"listener {port} 127.0.0.1"
-            elif key in host_specific or key in changes:
-                line = f"{key} {changes.get(key, host_specific.get(key))}"
+            elif key == "password_file":
+                line = f"password_file {directory / 'passwd'}"
+            elif key in changes:
+                line = f"{key} {changes[key]}"
             lines.append(line)
+        main = debian_layout(directory, "\n".join(lines) + "\n")
         if os.geteuid() == 0:
             # As root, Mosquitto would switch to the mosquitto user, which cannot enter pytest's private folders.
-            lines.append("user root")
-        return "\n".join(lines) + "\n"
+            main += "user root\n"
+        return main
 
     return render
+
+
+def _add_users(passwd: pathlib.Path, users) -> None:
+    for user in users:
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if not passwd.exists() else []), str(passwd), user,
+                        "secret-" + user], check=True, capture_output=True, timeout=30)
 
 
 def _client(broker, client_id: str, user: str, clean_session: bool = True) -> mqtt.Client:
@@ -73,10 +83,7 @@ def _received_after_offline(start_mosquitto, tmp_path, batch_embeddings, changes
     """Queue BATCHES for an offline station, restart the broker, reconnect; return (sequence numbers received, log)."""
     directory = tmp_path / "broker"
     directory.mkdir()
-    passwd = directory / "passwd"
-    for user in ("base-station", DEVICE):
-        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if not passwd.exists() else []), str(passwd), user,
-                        "secret-" + user], check=True, capture_output=True, timeout=30)
+    _add_users(directory / "passwd", ("base-station", DEVICE))
     config = _shipped_config(directory, changes)
     broker = start_mosquitto("broker", config)
 
@@ -148,3 +155,39 @@ def test_default_queue_limit_drops_silently(start_mosquitto, tmp_path, batch_emb
                                             {"max_queued_messages": "1000"})
     assert len(received) < BATCHES
     assert "Outgoing messages are being dropped for client test-offline-station" in log
+
+
+@pytest.mark.parametrize("shipped", [DEPLOY_CONFIG, TLS_CONFIG], ids=lambda path: path.name)
+def test_snippet_leaves_out_debian_keys(shipped):
+    # Mosquitto exits on a key such as persistence_location set both in mosquitto.conf and in a snippet.
+    debian_keys = config_keys(DEBIAN_MOSQUITTO_CONF) - {"include_dir"}
+
+    assert debian_keys == {"pid_file", "persistence", "persistence_location", "log_dest"}
+    assert config_keys(shipped.read_text()) & debian_keys == set()
+
+
+def test_snippet_runs_in_debian_layout(start_mosquitto, tmp_path):
+    directory = tmp_path / "debian"
+    directory.mkdir()
+    _add_users(directory / "passwd", ("base-station",))
+    broker = start_mosquitto("debian", _shipped_config(directory, {}))
+
+    client = _client(broker, "test-debian-layout", "base-station")
+    assert client.connect(broker.host, broker.port) == mqtt.MQTT_ERR_SUCCESS
+    client.disconnect()
+    broker.stop()
+    log = (directory / "mosquitto.log").read_text()
+    assert f"{directory}/conf.d/dawnchorus.conf" in log
+    assert "Error" not in log
+
+
+def test_duplicate_debian_key_stops_broker(tmp_path):
+    # The failure that the snippet avoids: Debian's main file and a snippet that sets persistence_location again.
+    main = tmp_path / "mosquitto.conf"
+    main.write_text(debian_layout(tmp_path, "persistence_location /var/lib/mosquitto/\n"))
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+    result = subprocess.run([binary, "-c", str(main)], capture_output=True, text=True, timeout=30)
+
+    assert result.returncode != 0
+    assert "Duplicate persistence_location" in result.stdout + result.stderr
