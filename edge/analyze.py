@@ -15,10 +15,8 @@ Rows are sorted by file, then start, then confidence (highest first).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import logging
-import os
 import pathlib
 import sys
 from typing import Mapping, Sequence

@@ -24,7 +24,7 @@ import logging
 import math
 import pathlib
 import sys
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from dawnchorus.protocol import detection_files
 from dawnchorus.protocol.messages import Detection

@@ -22,7 +22,7 @@ SPECIES = [
 ]
 
 
-def wait(condition, timeout: float, interval: float = 0.3):
+def wait(condition, timeout: float = 60.0, interval: float = 0.1):
     """Call ``condition`` until it returns a true value or ``timeout`` seconds pass; return its last value."""
     deadline = time.monotonic() + timeout
     while True:

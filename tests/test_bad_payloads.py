@@ -7,7 +7,6 @@ accepted. tests/test_station.py covers every reason on an in-process base statio
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -21,6 +20,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 import soundfile
+
+from support import wait as _wait
 
 from dawnchorus.edge.recorder import Recorder, RecorderConfig
 from dawnchorus.models.backbone import Backbone, load_source_model
@@ -55,13 +56,6 @@ def keys(tmp_path_factory):
     return directory
 
 
-def _wait(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _read_retained(broker, topic: str, timeout: float = 10.0) -> bytes | None:

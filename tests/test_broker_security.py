@@ -28,9 +28,12 @@ import uuid
 import paho.mqtt.client as mqtt
 import pytest
 
+
 from dawnchorus.protocol import home_assistant, topics
 from dawnchorus.protocol.tls import TlsSettings
 from support import debian_layout
+from support import SPECIES
+from support import wait as _wait
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "deploy" / "make-credentials.sh"
@@ -623,20 +626,8 @@ def test_edge_run_rejects_certificate_without_ca(secure_broker):
 
 # The programs ------------------------------------------------------------------------------
 
-SPECIES = [
-    "Hylocichla mustelina", "Setophaga ruticilla", "Setophaga citrina", "Poecile atricapillus",
-    "Cardinalis cardinalis", "Baeolophus bicolor", "Haemorhous mexicanus", "Turdus migratorius",
-    "Cyanocitta cristata", "Zenaida macroura",
-]
 
 
-def _wait(condition, timeout: float, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ import json
 import logging
 import subprocess
 import sys
-import time
 import uuid
 
 import numpy as np
@@ -15,6 +14,8 @@ import paho.mqtt.client as mqtt
 import pytest
 import soundfile
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from support import wait as _wait
 
 from dawnchorus.models.backbone import Backbone, load_source_model
 from dawnchorus.protocol import topics
@@ -151,13 +152,6 @@ def publisher(mosquitto):
     client.disconnect()
 
 
-def _wait(condition, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _send(client, site: str, device: str, embeddings: np.ndarray, first: int) -> None:

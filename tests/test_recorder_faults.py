@@ -23,6 +23,8 @@ import uuid
 import paho.mqtt.client as mqtt
 import pytest
 
+from support import wait as _wait
+
 from dawnchorus.protocol import topics
 from dawnchorus.protocol.embeddings import decode_embeddings
 from dawnchorus.protocol.messages import Status
@@ -98,13 +100,6 @@ class EmbeddingsReceiver:
         self.client.disconnect()
 
 
-def _wait(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _saved_after(broker, moment: float) -> bool:

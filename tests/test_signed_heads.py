@@ -19,6 +19,9 @@ import time
 import numpy as np
 import pytest
 
+from support import SPECIES
+from support import wait as _wait
+
 from dawnchorus.models.backbone import load_source_model
 from dawnchorus.models.export import head_to_tflite
 from dawnchorus.models.head import TFLiteHead
@@ -26,11 +29,6 @@ from dawnchorus.protocol import topics
 from dawnchorus.protocol.messages import Manifest
 from dawnchorus.protocol.signing import load_private_key, sign_manifest
 
-SPECIES = [
-    "Hylocichla mustelina", "Setophaga ruticilla", "Setophaga citrina", "Poecile atricapillus",
-    "Cardinalis cardinalis", "Baeolophus bicolor", "Haemorhous mexicanus", "Turdus migratorius",
-    "Cyanocitta cristata", "Zenaida macroura",
-]
 
 
 def _generate_keys(directory: pathlib.Path) -> pathlib.Path:
@@ -40,13 +38,6 @@ def _generate_keys(directory: pathlib.Path) -> pathlib.Path:
     return directory
 
 
-def _wait(condition, timeout: float, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def _published_versions(server_state: pathlib.Path, site: str) -> list[int]:

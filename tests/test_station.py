@@ -14,6 +14,8 @@ import pytest
 import soundfile
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from support import wait as _wait
+
 from dawnchorus.models.backbone import Backbone, load_source_model
 from dawnchorus.protocol import topics
 from dawnchorus.protocol.embeddings import MAX_PAYLOAD_BYTES, EmbeddingBatch, encode_embeddings
@@ -39,13 +41,6 @@ def embeddings(source, data_dir):
     return Backbone(source.backbone).embed(audio[: 20 * 144_000].reshape(20, 144_000))
 
 
-def _wait(condition, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import pathlib
 import shutil
 import socket
 import subprocess
