@@ -191,6 +191,8 @@ class Recorder:
                          "heads_verified": 0, "embeddings_sent": 0, "detections_sent": 0}
         self.rejections = RejectionCounter(_LOGGER, f"recorder {config.device}")
         self.finished = threading.Event()
+        # Set when the source ran out, not when ``stop`` cut it short. The status then reads "finished".
+        self._input_ended = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._pending_manifest: Manifest | None = None
@@ -270,7 +272,7 @@ class Recorder:
         client.subscribe(topics.manifest_topic(self.config.site), qos=1)
         if self.config.await_receipts:
             client.subscribe(topics.receipt_topic(self.config.site, self.config.device), qos=1)
-        self._publish_status("online")
+        self._publish_status()
         if self.config.home_assistant_prefix is not None:
             self._publish_home_assistant()
 
@@ -359,8 +361,13 @@ class Recorder:
         self._uplink.publish_now(self._topic("ack"), Ack(self.config.device, self.config.site, manifest.version,
                                                          False, reason, self._now()).encode())
 
-    def _publish_status(self, state: str = "online") -> None:
-        """Publish the retained status, unless the broker is unreachable: a fresh one follows on connect."""
+    def _publish_status(self, state: str | None = None) -> None:
+        """Publish the retained status, unless the broker is unreachable: a fresh one follows on connect.
+
+        Without ``state``, the state is "finished" once the input has ended, else "online".
+        """
+        if state is None:
+            state = "finished" if self._input_ended.is_set() else "online"
         self._last_status = time.monotonic()
         self._uplink.publish_now(self._topic("status"), self._status(state).encode(), retain=True,
                                  when_offline=False)
@@ -538,6 +545,8 @@ class Recorder:
                     break
             self._flush_embeddings(self.head_version)
             self._save_reference()
+            if not self._stop.is_set():
+                self._input_ended.set()
             self.finished.set()
             self._publish_status()
             _LOGGER.info("recorder %s: source finished after %d windows", config.device, self.counters["windows"])

@@ -145,7 +145,8 @@ def test_browser_page_shows_detection_and_new_head(browser, start_mosquitto, pro
     recorder_versions = browser.execute_script("return window.seenVersions")["recorder"]
     assert [version for version in recorder_versions if version != "–"] == ["v0", "v1"]
     assert recorder_cells[1].text == SITE
-    assert recorder_cells[2].text == "online"
+    # A fast replay can end before the head arrives; the recorder stays for heads either way.
+    assert recorder_cells[2].text in ("online", "finished")
 
     assert browser.find_elements(By.CSS_SELECTOR, f"#site-{SITE} svg polyline")
     assert "published" in browser.find_element(By.CSS_SELECTOR, f"#site-{SITE} table.rounds").text
