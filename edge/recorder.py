@@ -12,6 +12,7 @@ at once when it is idle).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import os
 import pathlib
@@ -456,6 +457,7 @@ class Recorder:
                 ))
         if detections:
             self.counters["detections"] += len(detections)
+            self._log_detections(detections)
             self._outbox.put(self._topic("detections"), encode_detections(detections), windows=0,
                              first_sequence=int(sequence[0]))
             if self.config.home_assistant_prefix is not None:
@@ -474,6 +476,18 @@ class Recorder:
             self._reference = np.concatenate(
                 [batch.embeddings, self._reference] if self._reference is not None else [batch.embeddings]
             )[:REFERENCE_WINDOWS]
+
+    def _log_detections(self, detections: list[Detection]) -> None:
+        """Log one INFO line per detection, with the window's start on the recorder's clock and UTC offset."""
+        for detection in detections:
+            try:
+                start = datetime.datetime.fromtimestamp(detection.start_time).astimezone().isoformat(timespec="seconds")
+            except (OverflowError, ValueError, OSError):
+                # A clock offset can move the time out of the platform's range, so the unix time is logged instead.
+                start = f"unix time {detection.start_time:.0f}"
+            _LOGGER.info("recorder %s: detected %s (%s) at %s, confidence %.2f, head v%d", self.config.device,
+                         detection.common_name, detection.scientific_name, start, detection.confidence,
+                         detection.head_version)
 
     def _flush_embeddings(self, version: int) -> None:
         while self._unsent:
