@@ -263,7 +263,12 @@ class Recorder:
                                   entry.id)
 
     def _set_last_will(self, client: mqtt.Client) -> None:
-        """Set the offline status that the broker publishes if the recorder vanishes, with the current counts."""
+        """Set the offline status that the broker publishes if the recorder vanishes, with the current counts.
+
+        NOTE: MQTT fixes the will at connect, so a head swapped in later is missing from it. The
+        will's ``time`` is older than every status sent since, which lets the base station keep
+        the newer head version and counts (server/live.py).
+        """
         client.will_set(self._topic("status"), self._status("offline").encode(), qos=1, retain=True)
 
     def _on_connected(self, client: mqtt.Client) -> None:
