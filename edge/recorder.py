@@ -12,6 +12,7 @@ at once when it is idle).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import os
 import pathlib
@@ -191,6 +192,8 @@ class Recorder:
                          "heads_verified": 0, "embeddings_sent": 0, "detections_sent": 0}
         self.rejections = RejectionCounter(_LOGGER, f"recorder {config.device}")
         self.finished = threading.Event()
+        # Set when the source ran out, not when ``stop`` cut it short. The status then reads "finished".
+        self._input_ended = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._pending_manifest: Manifest | None = None
@@ -260,7 +263,12 @@ class Recorder:
                                   entry.id)
 
     def _set_last_will(self, client: mqtt.Client) -> None:
-        """Set the offline status that the broker publishes if the recorder vanishes, with the current counts."""
+        """Set the offline status that the broker publishes if the recorder vanishes, with the current counts.
+
+        NOTE: MQTT fixes the will at connect, so a head swapped in later is missing from it. The
+        will's ``time`` is older than every status sent since, which lets the base station keep
+        the newer head version and counts (server/live.py).
+        """
         client.will_set(self._topic("status"), self._status("offline").encode(), qos=1, retain=True)
 
     def _on_connected(self, client: mqtt.Client) -> None:
@@ -270,7 +278,7 @@ class Recorder:
         client.subscribe(topics.manifest_topic(self.config.site), qos=1)
         if self.config.await_receipts:
             client.subscribe(topics.receipt_topic(self.config.site, self.config.device), qos=1)
-        self._publish_status("online")
+        self._publish_status()
         if self.config.home_assistant_prefix is not None:
             self._publish_home_assistant()
 
@@ -359,8 +367,13 @@ class Recorder:
         self._uplink.publish_now(self._topic("ack"), Ack(self.config.device, self.config.site, manifest.version,
                                                          False, reason, self._now()).encode())
 
-    def _publish_status(self, state: str = "online") -> None:
-        """Publish the retained status, unless the broker is unreachable: a fresh one follows on connect."""
+    def _publish_status(self, state: str | None = None) -> None:
+        """Publish the retained status, unless the broker is unreachable: a fresh one follows on connect.
+
+        Without ``state``, the state is "finished" once the input has ended, else "online".
+        """
+        if state is None:
+            state = "finished" if self._input_ended.is_set() else "online"
         self._last_status = time.monotonic()
         self._uplink.publish_now(self._topic("status"), self._status(state).encode(), retain=True,
                                  when_offline=False)
@@ -449,6 +462,7 @@ class Recorder:
                 ))
         if detections:
             self.counters["detections"] += len(detections)
+            self._log_detections(detections)
             self._outbox.put(self._topic("detections"), encode_detections(detections), windows=0,
                              first_sequence=int(sequence[0]))
             if self.config.home_assistant_prefix is not None:
@@ -467,6 +481,18 @@ class Recorder:
             self._reference = np.concatenate(
                 [batch.embeddings, self._reference] if self._reference is not None else [batch.embeddings]
             )[:REFERENCE_WINDOWS]
+
+    def _log_detections(self, detections: list[Detection]) -> None:
+        """Log one INFO line per detection, with the window's start on the recorder's clock and UTC offset."""
+        for detection in detections:
+            try:
+                start = datetime.datetime.fromtimestamp(detection.start_time).astimezone().isoformat(timespec="seconds")
+            except (OverflowError, ValueError, OSError):
+                # A clock offset can move the time out of the platform's range, so the unix time is logged instead.
+                start = f"unix time {detection.start_time:.0f}"
+            _LOGGER.info("recorder %s: detected %s (%s) at %s, confidence %.2f, head v%d", self.config.device,
+                         detection.common_name, detection.scientific_name, start, detection.confidence,
+                         detection.head_version)
 
     def _flush_embeddings(self, version: int) -> None:
         while self._unsent:
@@ -538,6 +564,8 @@ class Recorder:
                     break
             self._flush_embeddings(self.head_version)
             self._save_reference()
+            if not self._stop.is_set():
+                self._input_ended.set()
             self.finished.set()
             self._publish_status()
             _LOGGER.info("recorder %s: source finished after %d windows", config.device, self.counters["windows"])

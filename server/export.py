@@ -59,6 +59,15 @@ class ExportFilter:
     since: float | None = None
     until: float | None = None
 
+    def describe(self) -> str:
+        """Return the filter as the command-line options that set it, or "no filters"."""
+        parts = [f"--site {site}" for site in sorted(self.sites or ())]
+        parts += [f"--device {device}" for device in sorted(self.devices or ())]
+        for option, moment in (("--since", self.since), ("--until", self.until)):
+            if moment is not None:
+                parts.append(f"{option} {_iso_utc(moment)}")
+        return " ".join(parts) or "no filters"
+
     def matches(self, detection: Detection) -> bool:
         if self.sites is not None and detection.site not in self.sites:
             return False
@@ -67,6 +76,43 @@ class ExportFilter:
         if self.since is not None and detection.start_time < self.since:
             return False
         return self.until is None or detection.start_time < self.until
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedFile:
+    """One file written: its path and the detections in it (0 for a CSV with only its header)."""
+
+    path: pathlib.Path
+    detections: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """What ``export`` wrote.
+
+    Attributes:
+        files: the files written; none in the Raven format when no detection matched.
+        logged: detections read from the log, before the filters.
+    """
+
+    files: list[ExportedFile]
+    logged: int
+
+    @property
+    def exported(self) -> int:
+        return sum(file.detections for file in self.files)
+
+
+def _iso_utc(unix_s: float) -> str:
+    try:
+        moment = datetime.datetime.fromtimestamp(unix_s, tz=datetime.timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        return f"{unix_s:g}"
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _detections(count: int) -> str:
+    return f"{count} detection" if count == 1 else f"{count} detections"
 
 
 def parse_time(text: str) -> float:
@@ -180,17 +226,18 @@ def to_row(detection: Detection) -> detection_files.DetectionRow:
 
 def export(state_dir: pathlib.Path, output_format: str, out: pathlib.Path,
            selection: ExportFilter = ExportFilter(),
-           species_codes: dict[str, str] | None = None) -> list[pathlib.Path]:
-    """Write the selected detections of ``state_dir``'s log to ``out``; return the files written."""
+           species_codes: dict[str, str] | None = None) -> ExportResult:
+    """Write the selected detections of ``state_dir``'s log to ``out``; return the files and their counts."""
     detection_files.check_format(output_format)
-    detections = [d for d in read_log(pathlib.Path(state_dir) / LOG_NAME) if selection.matches(d)]
+    logged = list(read_log(pathlib.Path(state_dir) / LOG_NAME))
+    detections = [d for d in logged if selection.matches(d)]
     detections.sort(key=lambda d: (d.site, d.device, d.start_time, -d.confidence, d.label))
     out.mkdir(parents=True, exist_ok=True)
 
     if output_format == "csv":
         path = out / CSV_NAME
-        detection_files.write_csv(path, (to_row(d) for d in detections), EXTRA_COLUMNS)
-        return [path]
+        count = detection_files.write_csv(path, (to_row(d) for d in detections), EXTRA_COLUMNS)
+        return ExportResult([ExportedFile(path, count)], len(logged))
 
     tables: dict[str, list[detection_files.DetectionRow]] = {}
     for detection in detections:
@@ -200,10 +247,10 @@ def export(state_dir: pathlib.Path, output_format: str, out: pathlib.Path,
     for recording, rows in tables.items():
         path = out / f"{recording}{detection_files.RAVEN_SUFFIX}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        detection_files.write_raven_table(path, recording, rows, extra_columns=EXTRA_COLUMNS,
-                                          species_codes=species_codes)
-        written.append(path)
-    return written
+        count = detection_files.write_raven_table(path, recording, rows, extra_columns=EXTRA_COLUMNS,
+                                                  species_codes=species_codes)
+        written.append(ExportedFile(path, count))
+    return ExportResult(written, len(logged))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -221,9 +268,26 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         codes = None if args.species_codes is None else detection_files.load_species_codes(args.species_codes)
-        written = export(args.state_dir, args.format, args.out, selection, codes)
+        result = export(args.state_dir, args.format, args.out, selection, codes)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"wrote {len(written)} file(s) to {args.out}", file=sys.stderr)
+    _report(result, selection, args.state_dir / LOG_NAME)
     return EXIT_OK
+
+
+def _report(result: ExportResult, selection: ExportFilter, log_path: pathlib.Path) -> None:
+    """Print the detections written per file, and a note when none were."""
+    for file in result.files:
+        print(f"wrote {_detections(file.detections)} to {file.path}", file=sys.stderr)
+    if result.exported:
+        print(f"exported {_detections(result.exported)} of {result.logged} in {log_path} "
+              f"({len(result.files)} file(s))", file=sys.stderr)
+        return
+    if result.logged == 0:
+        reason = f"the detection log {log_path} has no detections yet."
+    else:
+        reason = (f"none of the {_detections(result.logged)} in {log_path} matched the filters "
+                  f"({selection.describe()}). Check the site and device ids and the time range.")
+    written = "The CSV has only its header." if result.files else "No table was written."
+    print(f"note: no detections exported, because {reason} {written}", file=sys.stderr)

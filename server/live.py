@@ -97,6 +97,16 @@ def _detection_row(detection: Detection) -> dict[str, Any]:
     }
 
 
+def _is_stale_will(status: Status, recorder: dict[str, Any]) -> bool:
+    """Return whether ``status`` is an offline status older than the recorder's last known status.
+
+    An offline status that the recorder published itself on stopping is newer
+    than every status before it, so its counts replace the known ones.
+    """
+    known_time = recorder["status_time"]
+    return status.state == "offline" and known_time is not None and status.time < known_time
+
+
 class Subscriber:
     """One open page: a bounded queue of encoded events.
 
@@ -269,6 +279,12 @@ class LiveState:
         self.seen(site, device, min(status.time, time.time()) if status.time else None)
         with self._lock:
             recorder = self._recorders[device]
+            if _is_stale_will(status, recorder):
+                # The broker publishes the last will that the recorder set when it connected, so
+                # its head version and counts are those of that moment. Only the state is news.
+                recorder.update(state=status.state)
+                self._emit("recorder", recorder)
+                return
             recorder.update(
                 state=status.state, status_time=status.time or None, head_version=status.head_version,
                 windows=status.windows, queue_depth=status.queue_depth, queue_bytes=status.queue_bytes,

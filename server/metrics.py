@@ -17,6 +17,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from dawnchorus.protocol.messages import StationStats
 from dawnchorus.server.live import LiveState
 
+# Recorder states in which the recorder is connected to the broker: "finished" is a recorder whose replay
+# ended and that still runs (with --stay, or while it sends what it queued).
+CONNECTED_STATES = ("online", "finished")
+
 # Station counters exported one to one: the counter key in BaseStation.counters, the metric name
 # (without _total) and its help text.
 _STATION_COUNTERS = (
@@ -91,7 +95,8 @@ class StationCollector(Collector):
     def _recorder_metrics(recorders: list[dict]) -> Iterator[Metric]:
         labels = ["site", "device"]
         online = GaugeMetricFamily("dawnchorus_recorder_online",
-                                   "1 while the recorder's retained status is online, else 0.", labels=labels)
+                                   "1 while the recorder's retained status is online or finished (connected), "
+                                   "else 0.", labels=labels)
         last_seen = GaugeMetricFamily("dawnchorus_recorder_last_seen_timestamp_seconds",
                                       "Unix time of the recorder's newest message.", labels=labels)
         head = GaugeMetricFamily("dawnchorus_recorder_head_version", "Head version the recorder runs.",
@@ -104,7 +109,7 @@ class StationCollector(Collector):
                                       labels=labels)
         for recorder in recorders:
             ids = [recorder["site"], recorder["device"]]
-            online.add_metric(ids, 1.0 if recorder["state"] == "online" else 0.0)
+            online.add_metric(ids, 1.0 if recorder["state"] in CONNECTED_STATES else 0.0)
             last_seen.add_metric(ids, recorder["last_seen"])
             head.add_metric(ids, recorder["head_version"] or 0)
             depth.add_metric(ids, recorder["queue_depth"])

@@ -261,7 +261,9 @@ class MqttObserver:
             return [ack for ack in self.acks if ack.device == device]
 
     def wait_online(self, device: str, timeout: float = 120.0) -> bool:
-        return bool(self.wait_for(lambda: self.statuses.get(device, {}).get("state") == "online", timeout))
+        """Wait until ``device`` is connected: its status is "online", or "finished" once its replay ended."""
+        return bool(self.wait_for(lambda: self.statuses.get(device, {}).get("state") in ("online", "finished"),
+                                  timeout))
 
     def push(self, manifest_payload: bytes, blob_topic: str | None, blob: bytes | None, site: str,
              device: str, timeout: float = 60.0, retain: bool = True):

@@ -248,6 +248,7 @@ def test_export_csv_matches_log(station_state, tmp_path):
 
     assert result.returncode == 0, result.stderr
     assert len(logged) > 0
+    assert f"wrote {len(logged)} detections to {tmp_path / 'detections.csv'}" in result.stderr
     assert columns == ["Start (s)", "End (s)", "Scientific name", "Common name", "Confidence", "File", *EXTRA]
     assert len(rows) == len(logged)
     for row, detection in zip(rows, logged):
@@ -275,6 +276,11 @@ def test_export_raven_one_table_per_recorder_day(station_state, tmp_path):
 
     assert result.returncode == 0, result.stderr
     assert tables == expected
+    for table in tables:
+        site, device, name = table.parts
+        count = sum(1 for d in logged if (d["site"], d["device"], _day(d["start_time"])) == (site, device, name[:10]))
+        noun = "detection" if count == 1 else "detections"
+        assert f"wrote {count} {noun} to {tmp_path / table}\n" in result.stderr
 
 
 def test_export_raven_rows_match_log(station_state, tmp_path):
@@ -330,6 +336,32 @@ def test_export_filters_unknown_site_to_empty(station_state, tmp_path):
     assert result.returncode == 0, result.stderr
     assert columns[:6] == list(detection_files.CSV_COLUMNS)
     assert rows == []
+    assert f"wrote 0 detections to {tmp_path / 'detections.csv'}" in result.stderr
+    assert "note: no detections exported, because none of the" in result.stderr
+    assert "matched the filters (--site no-such-site)" in result.stderr
+    assert "The CSV has only its header." in result.stderr
+
+
+def test_export_raven_filter_matches_nothing(station_state, tmp_path):
+    result = _export(station_state, tmp_path, "--format", "raven", "--device", "no-such-recorder",
+                     "--since", "2026-05-22")
+
+    assert result.returncode == 0, result.stderr
+    assert list(tmp_path.rglob("*.txt")) == []
+    assert "matched the filters (--device no-such-recorder --since 2026-05-22T00:00:00Z)" in result.stderr
+    assert "No table was written." in result.stderr
+
+
+def test_export_empty_log_noted(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "detections.jsonl").write_text("")
+
+    result = _export(state, tmp_path / "out")
+
+    assert result.returncode == 0, result.stderr
+    assert "wrote 0 detections to" in result.stderr
+    assert f"the detection log {state / 'detections.jsonl'} has no detections yet." in result.stderr
 
 
 def test_export_skips_cut_last_line(station_state, tmp_path):

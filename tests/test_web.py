@@ -191,6 +191,35 @@ def test_live_state_future_status_time_capped():
     assert state.snapshot()["recorders"][0]["last_seen"] <= time.time()
 
 
+def test_live_state_old_will_keeps_known_counts():
+    state = LiveState("station")
+    connected = time.time() - 600
+    state.status(SITE, DEVICE, Status(DEVICE, SITE, "online", head_version=2, windows=40, time=connected + 300,
+                                      queue_depth=1, queue_bytes=900))
+    # The last will that the recorder set when it connected, with the counts of that moment.
+    state.status(SITE, DEVICE, Status(DEVICE, SITE, "offline", head_version=0, windows=0, time=connected))
+    recorder = state.snapshot()["recorders"][0]
+    assert recorder["state"] == "offline"
+    assert recorder["head_version"] == 2
+    assert recorder["windows"] == 40
+    assert recorder["queue_depth"] == 1
+    assert recorder["queue_bytes"] == 900
+    assert recorder["status_time"] == connected + 300
+
+
+def test_live_state_newer_offline_replaces_counts():
+    state = LiveState("station")
+    stopped = time.time()
+    state.status(SITE, DEVICE, Status(DEVICE, SITE, "finished", head_version=2, windows=40, time=stopped - 60,
+                                      queue_depth=3))
+    state.status(SITE, DEVICE, Status(DEVICE, SITE, "offline", head_version=2, windows=40, time=stopped,
+                                      queue_depth=0))
+    recorder = state.snapshot()["recorders"][0]
+    assert recorder["state"] == "offline"
+    assert recorder["queue_depth"] == 0
+    assert recorder["status_time"] == stopped
+
+
 # HTTP clients ---------------------------------------------------------------------------
 
 

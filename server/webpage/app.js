@@ -151,6 +151,20 @@ function refreshAges() {
 
 // Sites -----------------------------------------------------------------------------
 
+// Texts of ascending axis ticks, with at least as many decimals as the smallest gap between two ticks
+// needs, so that distinct ticks read differently, and one more below 1 because ticks fall on arbitrary
+// values. Ticks that need more than 4 decimals are written in scientific notation (1.4e-4), which stays
+// narrow enough for the axis.
+function tickLabels(ticks) {
+  const gaps = ticks.slice(1).map((value, index) => value - ticks[index]);
+  const gap = Math.min(...gaps);
+  const decimals = gap > 0 && Number.isFinite(gap) ? Math.max(0, Math.ceil(-Math.log10(gap))) : 4;
+  if (decimals === 0) return ticks.map((value) => value.toFixed(0));
+  if (decimals <= 4) return ticks.map((value) => value.toFixed(Math.min(4, decimals + 1)));
+  const exponent = Math.floor(Math.log10(Math.max(...ticks.map(Math.abs))));
+  return ticks.map((value) => value.toExponential(Math.max(0, decimals + exponent)));
+}
+
 // One small line chart: series of [time, value] points, the y axis fitted to the data.
 function lineChart(title, series, markers) {
   const width = 320, height = 130, left = 42, right = 8, top = 8, bottom = 20;
@@ -172,15 +186,14 @@ function lineChart(title, series, markers) {
   const svg = svgElement("svg", {viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": title});
   svg.append(svgElement("line", {class: "axis", x1: left, x2: width - right, y1: height - bottom, y2: height - bottom}));
   svg.append(svgElement("line", {class: "axis", x1: left, x2: left, y1: top, y2: height - bottom}));
-  let digits = 1;
-  if (y1 - y0 < 10) digits = 3;
-  if (y1 - y0 < 0.1) digits = 4;
-  for (const value of [y0 + margin, (y0 + y1) / 2, y1 - margin]) {
+  const ticks = [y0 + margin, (y0 + y1) / 2, y1 - margin];
+  const tickTexts = tickLabels(ticks);
+  ticks.forEach((value, index) => {
     const label = svgElement("text", {class: "tick", x: left - 4, y: y(value) + 3, "text-anchor": "end"});
-    label.textContent = value.toFixed(digits);
+    label.textContent = tickTexts[index];
     svg.append(label);
     svg.append(svgElement("line", {class: "axis", x1: left - 2, x2: left, y1: y(value), y2: y(value)}));
-  }
+  });
   for (const [value, anchor] of [[t0, "start"], [t1, "end"]]) {
     const label = svgElement("text", {class: "tick", x: x(value), y: height - 6, "text-anchor": anchor});
     label.textContent = clock(value);
