@@ -202,10 +202,13 @@ class ManagedProcess:
 
 
 def broker_config(template: str, port: int, directory: pathlib.Path) -> str:
-    """Adapt the deployed Mosquitto configuration to a loopback port and a run directory.
+    """Adapt the deployed Mosquitto snippet to a loopback port and a run directory.
 
-    Every other setting (queue limits, packet size, persistence and its
-    autosave interval) is kept as deployed.
+    The snippet goes into the conf.d folder of Debian's mosquitto.conf,
+    which sets persistence, its location and the log destination. The soak
+    sets those three as that file does, in its run directory. Every other
+    setting (queue limits, packet size, the autosave interval) is kept as
+    deployed.
     """
     lines = []
     found = set()
@@ -219,14 +222,13 @@ def broker_config(template: str, port: int, directory: pathlib.Path) -> str:
             line = "allow_anonymous true"
         elif key in ("password_file", "acl_file"):
             line = f"# {line}  (left out: the soak's clients are anonymous, on loopback)"
-        elif key == "persistence_location":
-            line = f"persistence_location {directory}/"
-        elif key == "log_dest":
-            line = f"log_dest file {directory / 'mosquitto.log'}"
+        elif key in ("persistence", "persistence_location", "log_dest"):
+            line = f"# {line}  (set below, as Debian's mosquitto.conf sets it)"
         lines.append(line)
-    missing = {"listener", "persistence", "persistence_location"} - found
-    if missing:
-        raise ValueError(f"{BROKER_TEMPLATE} has no {', '.join(sorted(missing))} line, which the soak adapts")
+    if "listener" not in found:
+        raise ValueError(f"{BROKER_TEMPLATE} has no listener line, which the soak adapts")
+    lines += ["persistence true", f"persistence_location {directory}/",
+              f"log_dest file {directory / 'mosquitto.log'}"]
     # Started as root, Mosquitto switches to the user "mosquitto", which cannot write the run directory.
     lines.append(f"user {pwd.getpwuid(os.getuid()).pw_name}")
     return "\n".join(lines) + "\n"

@@ -453,6 +453,11 @@ def _shown_value(setting: Setting) -> Any:
     return setting.raw
 
 
+# Keys without which a command refuses to start, although argparse does not
+# require them (the demo, which shares the options, makes its own key).
+NEEDED_TO_START = {"base_station": ("signing_key",)}
+
+
 def _was_required(action: argparse.Action) -> bool:
     return bool(getattr(action, "_config_required", False))
 
@@ -472,9 +477,10 @@ def run_check(args: argparse.Namespace, parser: argparse.ArgumentParser, checks:
     print_effective(results)
     for table, command_parser, settings, _ in results:
         missing = [action.option_strings[0] for key, action in option_actions(command_parser).items()
-                   if _was_required(action) and key not in settings]
+                   if (_was_required(action) or key in NEEDED_TO_START.get(table, ())) and key not in settings]
         if missing:
-            print(f"warning: [{table}] does not set {', '.join(missing)}; pass them on the command line of "
+            pronoun = "it" if len(missing) == 1 else "them"
+            print(f"warning: [{table}] does not set {', '.join(missing)}; pass {pronoun} on the command line of "
                   f"'dawnchorus {' '.join(TABLES[table])}'", file=sys.stderr)
     return 0
 

@@ -74,13 +74,21 @@ def recorder_inputs(paths: list[pathlib.Path]) -> list[list[pathlib.Path]]:
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
     if len(paths) == 1 and paths[0].is_dir():
-        entries = [entry for entry in sorted(paths[0].iterdir()) if find_audio_files([entry])]
+        # Inside the folder, a file becomes a recorder only if it is audio, as the recorder would skip it.
+        entries = [entry for entry in sorted(paths[0].iterdir())
+                   if (find_audio_files([entry]) if entry.is_dir() else _is_audio_file(entry))]
         if len(entries) > 1:
             return [[entry] for entry in entries]
     groups = [[path] for path in paths if find_audio_files([path])]
     if not groups:
         raise FileNotFoundError(f"no audio files (wav, flac, ogg, mp3, opus) in {', '.join(map(str, paths))}")
     return groups
+
+
+def _is_audio_file(path: pathlib.Path) -> bool:
+    from dawnchorus.edge.audio import AUDIO_EXTENSIONS
+
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in AUDIO_EXTENSIONS
 
 
 def _device_name(inputs: list[pathlib.Path], used: set[str]) -> str:

@@ -351,12 +351,26 @@ class BaseStation:
                     self.live.detection(detection)
             elif parsed.kind == "status":
                 if payload:
-                    self.recorders[parsed.device] = Status.decode(payload)
-                    self.live.status(parsed.site, parsed.device, self.recorders[parsed.device])
+                    status = Status.decode(payload)
+                    self._log_state_change(parsed, self.recorders.get(parsed.device), status)
+                    self.recorders[parsed.device] = status
+                    self.live.status(parsed.site, parsed.device, status)
             elif parsed.kind == "ack":
                 self._record_ack(parsed, Ack.decode(payload))
         except PayloadError as error:
             self._reject(received.topic, parsed.device, parsed.kind, error)
+
+    @staticmethod
+    def _log_state_change(parsed: topics.DeviceTopic, previous: Status | None, status: Status) -> None:
+        """Log a recorder going online, finishing its input or going offline, once per change."""
+        if previous is not None and previous.state == status.state:
+            return
+        if status.state == "offline":
+            _LOGGER.warning("recorder %s of site %s is offline (it stopped, or the broker lost it and sent its "
+                            "last will)", parsed.device, parsed.site)
+        else:
+            _LOGGER.info("recorder %s of site %s is %s, running head v%d", parsed.device, parsed.site, status.state,
+                         status.head_version)
 
     def _ingest_embeddings(self, parsed: topics.DeviceTopic, payload: bytes,
                            staged: list[tuple[str, str, int, bytes]]) -> None:

@@ -102,3 +102,17 @@ def test_server_rollback_source_version_rejected(tmp_path, key_dir):
                   "--signing-key", str(key_dir / "head-signing.key"))
     assert result.returncode == 2
     assert "version 0 is the source head" in result.stderr
+
+
+def test_demo_makes_recorders_only_for_audio(tmp_path):
+    from dawnchorus.demo import recorder_inputs
+
+    (tmp_path / "dawn.flac").write_bytes(b"")
+    (tmp_path / "scores.csv").write_text("start,end\n")
+    (tmp_path / ".hidden.wav").write_bytes(b"")
+    (tmp_path / "site-b").mkdir()
+    (tmp_path / "site-b" / "dusk.wav").write_bytes(b"")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("field notes")
+
+    assert recorder_inputs([tmp_path]) == [[tmp_path / "dawn.flac"], [tmp_path / "site-b"]]

@@ -234,6 +234,13 @@ def test_config_check_warns_about_missing_required_key(tmp_path):
     assert "[recorder] does not set --device" in result.stderr
 
 
+def test_config_check_warns_about_missing_signing_key(tmp_path):
+    path = _write(tmp_path / "bs.toml", '[base_station]\nbroker = "127.0.0.1:1883"\n')
+    result = _run("config", "check", str(path))
+    assert result.returncode == 0
+    assert "[base_station] does not set --signing-key; pass it on the command line" in result.stderr
+
+
 def test_edge_run_without_table_rejected(tmp_path):
     path = _write(tmp_path / "bs.toml", '[base_station]\nbuffer = 100\n')
     result = _run("edge", "run", "--config", str(path))

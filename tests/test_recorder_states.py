@@ -136,3 +136,6 @@ def test_recorder_finished_then_killed_keeps_head(start_mosquitto, programs, dat
     assert killed_metrics["dawnchorus_recorder_online"] == 0
     assert killed_metrics["dawnchorus_recorder_head_version"] == 1
     assert killed_metrics["dawnchorus_recorder_queue_depth"] == finished["queue_depth"]
+    station_log = programs.log("server.log")
+    assert f"recorder {DEVICE} of site {SITE} is finished, running head v" in station_log
+    assert f"recorder {DEVICE} of site {SITE} is offline" in station_log

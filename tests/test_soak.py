@@ -43,9 +43,9 @@ def test_broker_config_keeps_deployed_limits(tmp_path):
         assert adapted.get(key) == deployed.get(key), key
 
 
-def test_broker_config_without_persistence_path_rejected(tmp_path):
-    with pytest.raises(ValueError, match="persistence_location"):
-        soak.broker_config("listener 1883\npersistence true\n", 18830, tmp_path)
+def test_broker_config_without_listener_rejected(tmp_path):
+    with pytest.raises(ValueError, match="listener"):
+        soak.broker_config("max_queued_messages 10\n", 18830, tmp_path)
 
 
 def test_station_counts_lost_and_duplicated():
