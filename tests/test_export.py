@@ -72,6 +72,20 @@ def test_fp16_dequantizes_weights_and_bias(random_head):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_constant_buffers_aligned(random_head, precision):
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = head_to_tflite(random_head, precision)
+    parsed = schema.Model.GetRootAsModel(model, 0)
+    start = np.frombuffer(model, np.uint8).ctypes.data
+    offsets = [parsed.Buffers(i).DataAsNumpy().ctypes.data - start for i in range(parsed.BuffersLength())
+               if parsed.Buffers(i).DataLength()]
+
+    assert len(offsets) == 2, "expected the weights and the bias as constant buffers"
+    assert [offset % 16 for offset in offsets] == [0, 0]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_same_logits_as_tensorflow_converter(random_head, random_embeddings, precision):
     import tensorflow_converter
 
