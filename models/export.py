@@ -8,14 +8,18 @@ before the FULLY_CONNECTED, so inputs, outputs and arithmetic stay float32.
 
 The flatbuffer is written directly with the TFLite schema module that the
 LiteRT wheel ships, not with TensorFlow's ``TFLiteConverter``. The converter
-of TensorFlow 2.20 and 2.21 leaks native memory on every ``convert()`` call
-(tensorflow/tensorflow#122598): 0.1 to 0.2 MiB per fp16 head of 199 classes
-with TensorFlow 2.21 on x86, and a base station converts a head every round,
-for months. The graph written here
-is the one the converter made for the same head: the same operators,
-operator versions, tensor types and shapes, so LiteRT and tflite-runtime run
-it with the same kernels and give the same logits (tests/test_export.py
-compares them), and TensorFlow is not needed to write it.
+of TensorFlow 2.20 and 2.21 keeps native memory after ``convert()`` returns
+(tensorflow/tensorflow#122598), and a base station converts a head every
+round. In a loop of 1,200 fp16 conversions of a 199-class head (TensorFlow
+2.21, x86), the RSS grew by about 90 MiB over the first 200 calls and then
+stayed about 105 MiB above its start. This writer added nothing measurable
+over 600 calls.
+
+The graph written here is the one the converter made for the same head: the
+same operators, operator versions, tensor types and shapes. So LiteRT and
+tflite-runtime run it with the same kernels and give the same logits
+(tests/test_export.py compares them), and TensorFlow is not needed to write
+it.
 """
 
 from __future__ import annotations
