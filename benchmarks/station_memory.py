@@ -6,9 +6,12 @@ benchmark looks at the base station alone, so that its growth can be told
 apart from noise and explained:
 
 - Mosquitto with deploy/mosquitto/dawnchorus.conf on a loopback port, as in the soak.
-- ``dawnchorus server run`` with the soak's sites and species lists, and
-  ``DAWNCHORUS_TRACEMALLOC`` set, so that it logs its traced Python memory and
-  the allocation sites that grew (``server/memory_trace.py``).
+- ``dawnchorus server run`` with the soak's sites and species lists. With
+  ``--trace-interval``, ``DAWNCHORUS_TRACEMALLOC`` is set for it, so that it
+  logs its traced Python memory and the allocation sites that grew
+  (``server/memory_trace.py``). Tracing starts before TensorFlow is imported
+  and keeps a record per live block, which added about 300 MiB of RSS and a
+  slow growth of its own, so measure RSS slopes without it.
 - A publisher in this process that sends what recorders send: BirdNET
   embeddings of the shared soundscapes (the soak's cache), 16 windows a
   message, and one detections message per embeddings message, for
@@ -23,8 +26,10 @@ from the station's last trace.
 
 Usage:
 
-    .venv/bin/python benchmarks/station_memory.py --minutes 12 --warmup-minutes 4 --buffer 300
-    .venv/bin/python benchmarks/station_memory.py --env MALLOC_ARENA_MAX=2 ...   # glibc arenas as an experiment
+    cd benchmarks
+    ../.venv/bin/python station_memory.py --minutes 34 --warmup-minutes 6 --buffer 1000 --out memory.json
+    ../.venv/bin/python station_memory.py --env MALLOC_ARENA_MAX=2 ...     # glibc arenas as an experiment
+    ../.venv/bin/python station_memory.py --trace-interval 60 ...          # what grows, in station.log
 """
 
 from __future__ import annotations
@@ -264,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--windows-per-message", type=int, default=16, help="windows per message (default 16)")
     parser.add_argument("--buffer", type=int, default=300, help="the station's --buffer (default 300)")
     parser.add_argument("--update-interval", type=int, default=64, help="the station's --update-interval (default 64)")
-    parser.add_argument("--trace-interval", type=float, default=60.0,
-                        help="seconds between the station's tracemalloc traces; 0 turns tracing off (default 60)")
+    parser.add_argument("--trace-interval", type=float, default=0.0,
+                        help="seconds between the station's tracemalloc traces, which its log lists; tracing "
+                             "inflates the RSS (default 0: off)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment variable for the station, e.g. MALLOC_ARENA_MAX=2; repeatable")
     parser.add_argument("--sample-interval", type=float, default=5.0, help="seconds between RSS samples (default 5)")
