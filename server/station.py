@@ -67,6 +67,7 @@ from dawnchorus.server.ingest import SiteIngest
 from dawnchorus.server.journal import (JOURNAL_FILE, SNAPSHOT_FILE, IngestJournal, read_snapshot, snapshot_path,
                                        write_snapshot)
 from dawnchorus.server.live import LiveState
+from dawnchorus.server.memory_trace import start_from_environment as start_memory_trace
 from dawnchorus.server.publication import HeadPublisher
 from dawnchorus.server.registry import HeadRegistry
 
@@ -771,6 +772,8 @@ class BaseStation:
 
     def start(self) -> None:
         _LOGGER.info("base station starting: state in %s", self.config.state_dir)
+        # Off unless DAWNCHORUS_TRACEMALLOC is set (benchmarks/station_memory.py).
+        start_memory_trace()
         self._restore_sites()
         self._client.connect_async(self.config.broker_host, self.config.broker_port, keepalive=30)
         self._client.loop_start()

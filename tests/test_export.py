@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -63,6 +65,50 @@ def test_fp32_matches_numpy(random_head, random_embeddings):
 
 def test_fp32_single_fully_connected(random_head):
     assert _operator_names(head_to_tflite(random_head, "fp32")) == ["FULLY_CONNECTED"]
+
+
+def test_fp16_dequantizes_weights_and_bias(random_head):
+    assert _operator_names(head_to_tflite(random_head, "fp16")) == ["DEQUANTIZE", "DEQUANTIZE", "FULLY_CONNECTED"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_constant_buffers_aligned(random_head, precision):
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = head_to_tflite(random_head, precision)
+    parsed = schema.Model.GetRootAsModel(model, 0)
+    start = np.frombuffer(model, np.uint8).ctypes.data
+    offsets = [parsed.Buffers(i).DataAsNumpy().ctypes.data - start for i in range(parsed.BuffersLength())
+               if parsed.Buffers(i).DataLength()]
+
+    assert len(offsets) == 2, "expected the weights and the bias as constant buffers"
+    assert [offset % 16 for offset in offsets] == [0, 0]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_same_logits_as_tensorflow_converter(random_head, random_embeddings, precision):
+    import tensorflow_converter
+
+    written = TFLiteHead(head_to_tflite(random_head, precision), random_head.labels, random_head.version)
+    converted = TFLiteHead(tensorflow_converter.convert(random_head, precision), random_head.labels,
+                           random_head.version)
+
+    for windows in (1, 7, 64):
+        embeddings = random_embeddings[:windows]
+        np.testing.assert_array_equal(written.logits(embeddings), converted.logits(embeddings),
+                                      err_msg=f"{precision}, batch {windows}")
+
+
+def test_export_imports_no_tensorflow(random_head):
+    # The converter leaked native memory on every call; the exporter must not fall back to it.
+    code = ("import sys, numpy as np; from dawnchorus.models.export import head_to_tflite; "
+            "from dawnchorus.models.head import LinearHead; "
+            "head_to_tflite(LinearHead(['a_b'], np.ones((1, 4), np.float32), np.zeros(1, np.float32)), 'fp16'); "
+            "print('tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 def test_fp16_within_rounding_bound(random_head, random_embeddings):

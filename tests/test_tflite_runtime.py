@@ -179,17 +179,11 @@ def test_tflite_runtime_runs_exported_head(tflite_runtime_venv, tmp_path, precis
 
 @pytest.mark.slow
 def test_tflite_runtime_rejects_int8_head(tflite_runtime_venv, tmp_path):
-    import tensorflow as tf
-
-    from dawnchorus.models.export import _HeadModule
+    import tensorflow_converter
 
     # A dynamic-range quantised head (int8 weights), as TFLiteConverter makes it with the default optimisation.
     head = _site_head(40)
-    module = _HeadModule(head)
-    function = tf.function(module.logits, input_signature=[tf.TensorSpec([None, 1024], tf.float32)])
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], module)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    blob = converter.convert()
+    blob = tensorflow_converter.convert(head, "int8")
 
     result = _run_head(tflite_runtime_venv, blob, np.ones((1, 1024), np.float32), 40, tmp_path)
 
