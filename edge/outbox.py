@@ -3,7 +3,7 @@
 Every embeddings batch and detections message is committed here before it
 is published. A detections message is deleted once the broker has
 acknowledged its QoS 1 publish. An embeddings message is deleted only once
-the base station's receipt says that its windows are on the station's disk
+the base station's receipt confirms that its windows are on the station's disk
 (see uplink.py): a broker can crash after its PUBACK and lose the message.
 The queue therefore survives a broker outage or crash and a recorder
 restart, SIGKILL included, and it is drained in the order in which entries
@@ -16,15 +16,15 @@ behind a queued or published number, and a number is never reused.
 
 When the queue exceeds its quota, entries that the broker has acknowledged
 but the base station has not confirmed go first, oldest first: the broker
-still holds them, so deleting them loses nothing unless the broker crashes
+still keeps them, so deleting them loses nothing unless the broker crashes
 too. They are counted as released. Then the oldest entries that have not
 been handed to the MQTT client yet are deleted and counted as dropped. Both
 counts, and the embedding windows of those entries, are stored with the
 queue and reported in the recorder's status.
 
-A truly full disk needs more than catching SQLITE_FULL: deleting rows also
+A truly full disk needs more than catching SQLITE_FULL. Deleting rows also
 writes to the write-ahead log, and a checkpoint copies the log into the
-database file, so on a disk with no byte left SQLite can neither add nor
+database file. So on a disk with no byte left, SQLite can neither add nor
 delete. The outbox therefore keeps a reserve file of ``RESERVE_BYTES`` beside
 the database. On SQLITE_FULL it deletes the reserve, drops the oldest tenth
 of the unsent entries, checkpoints and truncates the log, and gives the

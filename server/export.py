@@ -88,7 +88,7 @@ class ExportedFile:
 
 @dataclasses.dataclass(frozen=True)
 class ExportResult:
-    """What ``export`` wrote.
+    """The result of ``export``: the files it wrote and the detections it read.
 
     Attributes:
         files: the files written; none in the Raven format when no detection matched.
