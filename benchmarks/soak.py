@@ -61,6 +61,7 @@ import uuid
 
 import numpy as np
 
+from dawnchorus.server.broker import free_port
 from soak_recorders import WINDOW_SECONDS
 from soak_report import markdown_report, station_buffer_bytes, station_counts, summarize_memory, tally
 
@@ -144,12 +145,6 @@ def replay_embeddings(data_dir: pathlib.Path, cache_dir: pathlib.Path) -> pathli
 
 
 # Processes ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout_s: float) -> bool:

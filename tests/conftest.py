@@ -19,6 +19,8 @@ from typing import Callable
 import pytest
 from hypothesis import HealthCheck, settings
 
+from dawnchorus.server.broker import free_port
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
@@ -40,11 +42,6 @@ def data_dir() -> pathlib.Path:
         pytest.skip(f"the shared recordings are not at {DATA}")
     return DATA
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _wait_for_port(port: int, timeout: float) -> bool:
@@ -76,7 +73,7 @@ class Mosquitto:
         self._binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not os.path.exists(self._binary):
             pytest.fail("mosquitto is not installed: run .ci/run, or apt-get install mosquitto")
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.host = "127.0.0.1"
         self.directory = directory
         self.log_path = directory / "mosquitto.log"

@@ -18,7 +18,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ import pytest
 
 from dawnchorus.protocol import home_assistant, topics
 from dawnchorus.protocol.tls import TlsSettings
+from dawnchorus.server.broker import free_port
 from support import debian_layout
 from support import SPECIES
 from support import wait as _wait
@@ -53,11 +53,6 @@ def _make_credentials(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 class SecureBroker:
     """Mosquitto with the shipped TLS configuration, its paths pointed at credentials in ``directory``."""
@@ -74,7 +69,7 @@ class SecureBroker:
         _make_credentials("home-assistant", str(self.credentials), HOME_ASSISTANT)
 
         self.host = "127.0.0.1"
-        self.port = _free_port()
+        self.port = free_port()
         config = TLS_CONFIG.read_text()
         replacements = [
             (INSTALLED_DIR, f"{self.credentials / 'broker'}/"),

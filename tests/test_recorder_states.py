@@ -9,13 +9,13 @@ import http.client
 import json
 import re
 import signal
-import socket
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dawnchorus.protocol.signing import generate_key_files
+from dawnchorus.server.broker import free_port
 
 SITE = "states-site"
 DEVICE = "rec-states"
@@ -29,11 +29,6 @@ DETECTION_LINE = re.compile(
     r"recorder rec-states: detected (?P<common>[^(]+) \((?P<scientific>[^)]+)\) at (?P<time>\S+), "
     r"confidence (?P<confidence>[01]\.\d\d), head v(?P<version>\d+)$", re.MULTILINE)
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _get(address: str, path: str) -> bytes:
@@ -72,7 +67,7 @@ def test_recorder_finished_then_killed_keeps_head(start_mosquitto, programs, dat
     generate_key_files(tmp_path / "keys")
     species = tmp_path / "species.txt"
     species.write_text("\n".join(SPECIES) + "\n")
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     server = programs.start(
         "server", "run", "--broker", broker.address, "--state-dir", str(tmp_path / "server"),
         "--signing-key", str(tmp_path / "keys" / "head-signing.key"), "--default-species", f"@{species}",

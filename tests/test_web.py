@@ -25,6 +25,7 @@ from dawnchorus.protocol.embeddings import EmbeddingBatch, encode_embeddings
 from dawnchorus.protocol.messages import Ack, Detection, StationStats, Status, encode_detections
 from dawnchorus.protocol.signing import generate_key_files
 from dawnchorus.server import live as live_module
+from dawnchorus.server.broker import free_port
 from dawnchorus.server.live import LiveState, TooManySubscribers
 from dawnchorus.server.metrics import metrics_registry
 from dawnchorus.server.registry import HeadRegistry
@@ -223,11 +224,6 @@ def test_live_state_newer_offline_replaces_counts():
 # HTTP clients ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _wait(condition, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
@@ -358,7 +354,7 @@ def broker(tmp_path_factory):
     if not os.path.exists(binary):
         pytest.fail("mosquitto is not installed: run .ci/run, or apt-get install mosquitto")
     directory = tmp_path_factory.mktemp("web-broker")
-    port = _free_port()
+    port = free_port()
     (directory / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
                                               "persistence false\nmax_queued_messages 100000\n")
     log = open(directory / "mosquitto.log", "w")
@@ -386,7 +382,7 @@ def station(broker, tmp_path_factory):
     generate_key_files(directory / "keys")
     species = directory / "species.txt"
     species.write_text("\n".join(SPECIES) + "\n")
-    port = _free_port()
+    port = free_port()
     log_path = directory / "server.log"
     log = open(log_path, "w")
     process = subprocess.Popen(

@@ -11,12 +11,12 @@ installs them), so Selenium needs nothing from the network.
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 
 import pytest
 
 from dawnchorus.protocol.signing import generate_key_files
+from dawnchorus.server.broker import free_port
 
 SITE = "browser-site"
 DEVICE = "rec-browser"
@@ -71,11 +71,6 @@ def browser():
     driver.quit()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _wait_for_log(programs, name: str, text: str, process, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -94,7 +89,7 @@ def test_browser_page_shows_detection_and_new_head(browser, start_mosquitto, pro
     generate_key_files(tmp_path / "keys")
     species = tmp_path / "species.txt"
     species.write_text("\n".join(SPECIES) + "\n")
-    port = _free_port()
+    port = free_port()
     server = programs.start(
         "server", "run", "--broker", broker.address, "--state-dir", str(tmp_path / "server"),
         "--signing-key", str(tmp_path / "keys" / "head-signing.key"), "--default-species", f"@{species}",
