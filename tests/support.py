@@ -105,3 +105,17 @@ def debian_layout(directory: pathlib.Path, snippet: str, log_dest: str = "stderr
     for old, new in replacements:
         text = text.replace(old, new)
     return text
+
+
+def generate_keys(directory: pathlib.Path) -> pathlib.Path:
+    """Run ``dawnchorus keys generate DIRECTORY`` and return the folder with head-signing.key and .pub."""
+    generated = subprocess.run([sys.executable, "-m", "dawnchorus", "keys", "generate", str(directory)],
+                               capture_output=True, text=True, timeout=120)
+    assert generated.returncode == 0, generated.stderr
+    return directory
+
+
+def write_species(path: pathlib.Path) -> pathlib.Path:
+    """Write SPECIES to ``path`` as a species file, one name per line, and return the path."""
+    path.write_text("\n".join(SPECIES) + "\n")
+    return path

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import os
 import pwd
-import subprocess
-import sys
 
 import pytest
-from support import SPECIES, accepted_windows, inspect_station, recorder_sent, wait
+from support import accepted_windows, generate_keys, inspect_station, recorder_sent, wait, write_species
 
 SITE = "kill-broker-site"
 WITH_RECEIPTS = "rec-receipts"
@@ -42,12 +40,8 @@ def test_broker_killed_mid_stream_loses_nothing_with_receipts(programs, start_mo
         f"persistence true\npersistence_location {directory}/\nautosave_interval 3600\n"
         "max_queued_messages 100000\nmax_inflight_messages 0\n"
         f"user {pwd.getpwuid(os.getuid()).pw_name}\n"))
-    keys = tmp_path / "keys"
-    generated = subprocess.run([sys.executable, "-m", "dawnchorus", "keys", "generate", str(keys)],
-                               capture_output=True, text=True, timeout=120)
-    assert generated.returncode == 0, generated.stderr
-    species = tmp_path / "species.txt"
-    species.write_text("\n".join(SPECIES) + "\n")
+    keys = generate_keys(tmp_path / "keys")
+    species = write_species(tmp_path / "species.txt")
     server_state, edge_state = tmp_path / "server", tmp_path / "edge"
 
     def start_server(log: str):

@@ -9,11 +9,9 @@ may be missing and none duplicated, and no head version may be published twice.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
-from support import SPECIES, accepted_windows, inspect_station, recorder_sent
+from support import accepted_windows, generate_keys, inspect_station, recorder_sent, write_species
 from support import wait as _wait
 
 from dawnchorus.protocol.messages import Manifest
@@ -27,12 +25,8 @@ def test_station_killed_mid_stream_loses_nothing(programs, start_mosquitto, obse
     # recorders sent to the same base-station client id.
     broker = start_mosquitto("broker")
     observer = observe(broker)
-    keys = tmp_path / "keys"
-    generated = subprocess.run([sys.executable, "-m", "dawnchorus", "keys", "generate", str(keys)],
-                               capture_output=True, text=True, timeout=120)
-    assert generated.returncode == 0, generated.stderr
-    species = tmp_path / "species.txt"
-    species.write_text("\n".join(SPECIES) + "\n")
+    keys = generate_keys(tmp_path / "keys")
+    species = write_species(tmp_path / "species.txt")
     server_state, edge_state = tmp_path / "server", tmp_path / "edge"
 
     def start_server(log: str):
