@@ -26,6 +26,7 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dawnchorus.edge.audio import Window
+from dawnchorus.edge.native_heap import release_free_memory
 from dawnchorus.edge.backoff import Backoff
 from dawnchorus.edge.outbox import DEFAULT_MAX_BYTES, Outbox, OutboxEntry
 from dawnchorus.edge.ota import HeadRejected, HeadStore, check_manifest, verify_head
@@ -421,6 +422,8 @@ class Recorder:
         if head is self._acked_head:
             return
         self._acked_head = head
+        # The old head's interpreter is free now that no batch refers to it.
+        release_free_memory()
         version = int(head.version)
         if version == 0:
             return
