@@ -14,10 +14,17 @@ The head is the source head restricted to the species list of the soak's
 first site and exported once, as fp16, in a separate process (so that
 TensorFlow stays out of the measured one). Every version reuses that blob.
 
+The script runs once per variant, each in a child process of its own:
+``release`` is the recorder as shipped, which returns free heap pages to
+the kernel after each swap (``edge.native_heap.release_free_memory``);
+``no-release`` is the reference without that call; ``fixed-threshold``
+releases too and also fixes glibc's mmap threshold at 128 KiB through
+``MALLOC_MMAP_THRESHOLD_``. The table gives the RSS of each side by side.
+
 Usage:
 
-    .venv/bin/python benchmarks/head_swap_memory.py --recorders 1 --heads 200
-    .venv/bin/python benchmarks/head_swap_memory.py --recorders 10 --heads 60
+    .venv/bin/python benchmarks/head_swap_memory.py --recorders 1 --heads 1000
+    .venv/bin/python benchmarks/head_swap_memory.py --recorders 10 --heads 100
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import pathlib
 import shutil
 import subprocess
@@ -43,6 +51,12 @@ from soak_recorders import ReplayBackbone
 _LOGGER = logging.getLogger("head_swap_memory")
 
 SITE = "swap"
+
+# The variants compared (see the module docstring), and the environment each child gets on top of this one's.
+RELEASE = "release"
+NO_RELEASE = "no-release"
+FIXED_THRESHOLD = "fixed-threshold"
+VARIANT_ENVIRONMENT = {RELEASE: {}, NO_RELEASE: {}, FIXED_THRESHOLD: {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}}
 MIB = 2**20
 
 # Windows each recorder analyses before the heads arrive, enough for a full reference batch.
@@ -86,6 +100,14 @@ def run(args: argparse.Namespace) -> dict:
     from dawnchorus.protocol.messages import Manifest
     from dawnchorus.protocol.signing import generate_key_files, load_private_key, load_public_key, sign_manifest
 
+    from dawnchorus.edge import recorder as recorder_module
+
+    if args.variant == NO_RELEASE:
+        recorder_module.release_free_memory = lambda: False
+    for name, value in VARIANT_ENVIRONMENT.get(args.variant, {}).items():
+        if os.environ.get(name) != value:
+            raise SystemExit(f"--variant {args.variant} needs {name}={value} in the environment, which glibc reads "
+                             "at start-up: set it, or leave out --variant")
     work = pathlib.Path(tempfile.mkdtemp(prefix="dawnchorus-head-swap-"))
     embeddings = np.load(replay_embeddings(args.data, default_cache_dir() / "soak"))
     labels = site_labels()
@@ -158,8 +180,38 @@ def run(args: argparse.Namespace) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
     half = [rss for heads, rss in rss_by_heads if heads >= args.heads // 2]
-    return {"recorders": args.recorders, "heads": args.heads, "blob_bytes": len(blob), "classes": len(labels),
-            "rss_by_heads": rss_by_heads, "second_half_growth_mib": round(half[-1] - half[0], 1)}
+    return {"variant": args.variant, "recorders": args.recorders, "heads": args.heads, "blob_bytes": len(blob),
+            "classes": len(labels), "rss_by_heads": rss_by_heads,
+            "second_half_growth_mib": round(half[-1] - half[0], 1)}
+
+
+def run_variants(args: argparse.Namespace) -> list[dict]:
+    """Run the benchmark once per variant, each in a fresh child process, and return the results."""
+    results = []
+    for variant, variables in VARIANT_ENVIRONMENT.items():
+        with tempfile.TemporaryDirectory(prefix="dawnchorus-head-swap-") as scratch:
+            out = pathlib.Path(scratch) / "result.json"
+            command = [sys.executable, __file__, "--variant", variant, "--recorders", str(args.recorders),
+                       "--heads", str(args.heads), "--report-every", str(args.report_every), "--data", str(args.data),
+                       "--out", str(out)]
+            environment = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+            environment.update(variables)
+            subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL)
+            results.append(json.loads(out.read_text()))
+    return results
+
+
+def print_results(results: list[dict]) -> None:
+    print("| heads swapped | " + " | ".join(f"RSS, {result['variant']}" for result in results) + " |")
+    print("|---:|" + "---:|" * len(results))
+    for row, (heads, _) in enumerate(results[0]["rss_by_heads"]):
+        print(f"| {heads} | " + " | ".join(f"{result['rss_by_heads'][row][1]:.1f} MiB" for result in results) + " |")
+    first = results[0]
+    print(f"\n{first['recorders']} recorders, {first['classes']}-class fp16 head of {first['blob_bytes']} bytes")
+    for result in results:
+        start, after_first, last = (result["rss_by_heads"][index][1] for index in (0, 1, -1))
+        print(f"{result['variant']}: {last - start:+.1f} MiB in all, {last - after_first:+.1f} MiB after the first "
+              f"{result['rss_by_heads'][1][0]} heads, {result['second_half_growth_mib']:+.1f} MiB over the second half")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,19 +227,17 @@ def main(argv: list[str] | None = None) -> int:
                         default=pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "soundscapes",
                         help="recordings whose cached embeddings are replayed (default ../shared/data/soundscapes)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="write the results as JSON to this file")
+    parser.add_argument("--variant", choices=tuple(VARIANT_ENVIRONMENT), default=None,
+                        help="run only this variant, in this process (see the description); without it, every "
+                             "variant runs in a child process of its own")
     args = parser.parse_args(argv)
     if args.recorders < 1 or args.heads < 2 or args.report_every < 1:
         raise SystemExit("--recorders and --report-every must be at least 1, --heads at least 2")
 
-    result = run(args)
-    print("| heads swapped | RSS |")
-    print("|---:|---:|")
-    for heads, rss in result["rss_by_heads"]:
-        print(f"| {heads} | {rss:.1f} MiB |")
-    print(f"\n{result['recorders']} recorders, {result['classes']}-class fp16 head of {result['blob_bytes']} bytes; "
-          f"growth over the second half of the heads: {result['second_half_growth_mib']:+.1f} MiB")
+    results = run_variants(args) if args.variant is None else [run(args)]
+    print_results(results)
     if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=1))
+        args.out.write_text(json.dumps(results[0] if args.variant is not None else results, indent=1))
     return 0
 
 
