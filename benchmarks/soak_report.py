@@ -18,17 +18,24 @@ MIB = 2**20
 
 def summarize_memory(samples: list[tuple[float, str, int, int, float]], roles: list[str], send_end_s: float,
                      warmup_s: float, flat_mib: float,
-                     expected_growth: dict[str, Callable[[float, float], float]]) -> dict[str, dict]:
+                     expected_growth: dict[str, Callable[[float, float], float]],
+                     edge_s: float = 60.0) -> dict[str, dict]:
     """Summarize each role's RSS over the sending phase [0, send_end_s].
 
     A restarted process is a new incarnation (a new pid). Growth is measured
-    on the incarnation with the longest stretch after its warm-up: from the
-    first sample ``warmup_s`` after the incarnation's first sample to its
-    last sample in the sending phase. The slope is a least-squares fit over
-    the same samples. ``expected_growth`` gives, per role, the bytes that the
-    process is meant to add between two times, such as a buffer that fills.
-    A role is flat when its growth beyond that is at most ``flat_mib``.
+    on the incarnation with the longest stretch after its warm-up, which
+    starts ``warmup_s`` after the incarnation's first sample and ends with
+    its last sample in the sending phase. Growth is the median RSS of the
+    stretch's last ``edge_s`` seconds minus that of its first ``edge_s``
+    seconds, and the slope is the Theil-Sen estimate over the stretch. Both
+    are medians, so a peak of one sample (several recorders loading a head
+    at once, freed by the next sample) moves neither. ``expected_growth``
+    gives, per role, the bytes that the process is meant to add between two
+    times, such as a buffer that fills. A role is flat when its growth
+    beyond that is at most ``flat_mib``.
     """
+    from scipy.stats import theilslopes
+
     summary = {}
     for role in roles:
         mine = [sample for sample in samples if sample[1] == role and 0 <= sample[0] <= send_end_s]
@@ -61,15 +68,18 @@ def summarize_memory(samples: list[tuple[float, str, int, int, float]], roles: l
             pid, steady = best
             times = np.array([point[0] for point in steady])
             rss = np.array([point[1] for point in steady], dtype=np.float64) / MIB
-            slope = float(np.polyfit(times, rss, 1)[0]) * 3600 if len(steady) >= 3 else float("nan")
-            growth = float(rss[-1] - rss[0])
-            expected = expected_growth[role](times[0], times[-1]) / MIB if role in expected_growth else 0.0
+            slope = float(theilslopes(rss, times).slope) * 3600
+            first = times <= times[0] + edge_s
+            last = times >= times[-1] - edge_s
+            growth = float(np.median(rss[last]) - np.median(rss[first]))
+            expected = (expected_growth[role](float(np.median(times[first])), float(np.median(times[last]))) / MIB
+                        if role in expected_growth else 0.0)
             entry.update({
                 "measured_pid": pid,
                 "measured_from_s": float(times[0]),
                 "measured_to_s": float(times[-1]),
-                "rss_after_warmup_mib": round(float(rss[0]), 1),
-                "rss_at_end_mib": round(float(rss[-1]), 1),
+                "rss_after_warmup_mib": round(float(np.median(rss[first])), 1),
+                "rss_at_end_mib": round(float(np.median(rss[last])), 1),
                 "growth_mib": round(growth, 1),
                 "slope_mib_per_hour": None if np.isnan(slope) else round(slope, 1),
                 "expected_growth_mib": round(expected, 1),

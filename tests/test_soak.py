@@ -75,6 +75,28 @@ def test_summarize_memory_measures_longest_incarnation():
     assert summary["flat"]
 
 
+def test_summarize_memory_ignores_single_peaks():
+    # A flat process whose samples jump by 80 MiB for one sample at a time, the last one included.
+    samples = [(float(t), "recorders", 1, 220 * MIB + (80 * MIB if t % 240 == 0 else 0), 0.0)
+               for t in range(0, 1210, 10)]
+    summary = soak_report.summarize_memory(samples, ["recorders"], 1200.0, 480.0, 16.0, {})["recorders"]
+
+    assert summary["growth_mib"] == 0.0
+    assert summary["slope_mib_per_hour"] == 0.0
+    assert summary["rss_peak_mib"] == 300.0
+    assert summary["flat"]
+
+
+def test_summarize_memory_sees_steady_growth():
+    # 1 MiB a minute: the medians of the first and last minute after warm-up lie 11 minutes apart.
+    samples = [(float(t), "recorders", 1, 200 * MIB + t * MIB // 60, 0.0) for t in range(0, 1210, 10)]
+    summary = soak_report.summarize_memory(samples, ["recorders"], 1200.0, 480.0, 8.0, {})["recorders"]
+
+    assert summary["growth_mib"] == 11.0
+    assert summary["slope_mib_per_hour"] == 60.0
+    assert not summary["flat"]
+
+
 def test_summarize_memory_subtracts_expected_growth():
     samples = [(float(t), "station", 1, 700 * MIB + t * MIB // 10, 0.0) for t in range(0, 600, 10)]
     grows_as_expected = {"station": lambda start, end: (end - start) * MIB / 10}
