@@ -15,20 +15,23 @@ spec's control directory:
     <name>.drained.json     (this script) per recorder: windows, sequence counter, queue, drops
     exit                    (soak.py) the recorders stop
     <name>.final.json       (this script) the same report, with the head each recorder ended on
+    <name>.memory.jsonl     (this script) every 30 s: RSS, SQLite's heap, Python's allocated blocks
 
 Usage (by soak.py): python benchmarks/soak_recorders.py SPEC.json
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
 import pathlib
 import sqlite3
 import sys
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -36,6 +39,9 @@ WINDOW_SECONDS = 3.0
 
 # Poll interval of the control files.
 _POLL_S = 0.5
+
+# Seconds between two rows of <name>.memory.jsonl: RSS, SQLite heap and Python's allocated blocks.
+_MEMORY_INTERVAL_S = 30.0
 
 _LOGGER = logging.getLogger("soak.recorders")
 
@@ -101,6 +107,39 @@ def outbox_counts(path: pathlib.Path) -> dict[str, int]:
             "dropped": int(counters.get("dropped", 0)), "dropped_windows": int(counters.get("dropped_windows", 0))}
 
 
+def sqlite_memory_function() -> Callable[[], int] | None:
+    """Return a function that reads SQLite's heap in bytes (``sqlite3_memory_used``), or None where it is unreachable."""
+    import _sqlite3
+
+    for library in (_sqlite3.__file__, "libsqlite3.so.0"):
+        try:
+            function = ctypes.CDLL(library).sqlite3_memory_used
+        except (OSError, AttributeError):
+            continue
+        function.restype = ctypes.c_int64
+        function.argtypes = []
+        return function
+    return None
+
+
+def record_memory(path: pathlib.Path, interval_s: float, stop: threading.Event) -> None:
+    """Append this process's RSS, SQLite heap and Python's allocated blocks to ``path`` every ``interval_s``.
+
+    The split tells a growing page cache of the outboxes (SQLite) or
+    growing Python objects apart from the rest, which is native memory of
+    LiteRT, numpy and the allocator.
+    """
+    sqlite_memory = sqlite_memory_function()
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    while not stop.wait(interval_s):
+        with open("/proc/self/statm") as statm:
+            rss_bytes = int(statm.read().split()[1]) * page_size
+        row = {"time": time.time(), "rss_bytes": rss_bytes, "python_blocks": sys.getallocatedblocks(),
+               "sqlite_bytes": None if sqlite_memory is None else int(sqlite_memory())}
+        with path.open("a") as log:
+            log.write(json.dumps(row) + "\n")
+
+
 def run_worker(spec_path: pathlib.Path) -> int:
     """Run the simulated recorders that ``spec_path`` lists until the control files say stop."""
     from dawnchorus.edge.recorder import Recorder, RecorderConfig
@@ -145,6 +184,9 @@ def run_worker(spec_path: pathlib.Path) -> int:
     for thread in threads:
         thread.start()
     (control / f"{name}.started").write_text(str(time.time()))
+    stop_recording = threading.Event()
+    threading.Thread(target=record_memory, args=(control / f"{name}.memory.jsonl", _MEMORY_INTERVAL_S, stop_recording),
+                     name="memory-recorder", daemon=True).start()
     _LOGGER.info("%s: %d simulated recorders started", name, len(recorders))
 
     def report() -> list[dict]:
@@ -178,6 +220,7 @@ def run_worker(spec_path: pathlib.Path) -> int:
         recorder.stop()
     for thread in threads:
         thread.join(timeout=60)
+    stop_recording.set()
     (control / f"{name}.final.json").write_text(json.dumps(final))
     _LOGGER.info("%s: stopped", name)
     return 0
