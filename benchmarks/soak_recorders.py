@@ -125,9 +125,9 @@ def sqlite_memory_function() -> Callable[[], int] | None:
 def record_memory(path: pathlib.Path, interval_s: float, stop: threading.Event) -> None:
     """Append this process's RSS, SQLite heap and Python's allocated blocks to ``path`` every ``interval_s``.
 
-    The split tells a growing page cache of the outboxes (SQLite) or
-    growing Python objects apart from the rest, which is native memory of
-    LiteRT, numpy and the allocator.
+    With the split, a growing page cache of the outboxes (SQLite) or
+    growing Python objects can be told apart from the rest, which is native
+    memory of LiteRT, numpy and the allocator.
     """
     sqlite_memory = sqlite_memory_function()
     page_size = os.sysconf("SC_PAGE_SIZE")

@@ -1,8 +1,8 @@
 """Return the memory of swapped-out heads to the kernel.
 
-Every pushed head is loaded into a new LiteRT interpreter, whose XNNPACK
-delegate holds the weights in blocks of hundreds of KiB (173 x 1024
-float32 weights take 692 KiB). glibc's malloc serves blocks from 128 KiB
+Every pushed head is loaded into a new LiteRT interpreter, whose weights
+and tensor buffers are blocks of hundreds of KiB (173 x 1024 float32
+weights take 692 KiB). glibc's malloc serves blocks from 128 KiB
 up with mmap at first, but the first time such a block is freed it raises
 its mmap threshold to that block's size (up to 32 MiB on 64-bit systems).
 Later interpreters then come from the heaps of the threads' arenas, and
@@ -47,7 +47,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def release_free_memory() -> bool:
-    """Return the free pages of glibc's heaps to the kernel; return whether any were released.
+    """Return the free pages of glibc's heaps to the kernel, and whether any were released.
 
     Does nothing, and returns False, where the C library is not glibc.
     """

@@ -12,8 +12,8 @@ import pytest
 from dawnchorus.edge import native_heap
 
 # Fills 32 MiB of heap with 4 KiB blocks through glibc's own malloc and frees
-# all but the last, which keeps the heap's top in use so that free() cannot
-# shrink it, then reports the resident set before and after the release.
+# all but the last. The last block keeps the heap's top in use, so free()
+# cannot shrink the heap. Reports the resident set before and after the release.
 _FRAGMENTED_HEAP = textwrap.dedent("""
     import ctypes, json
 
