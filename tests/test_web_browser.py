@@ -82,6 +82,7 @@ def _wait_for_log(programs, name: str, text: str, process, timeout: float) -> No
 
 @pytest.mark.slow
 def test_browser_page_shows_detection_and_new_head(browser, start_mosquitto, programs, data_dir, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -98,7 +99,8 @@ def test_browser_page_shows_detection_and_new_head(browser, start_mosquitto, pro
     _wait_for_log(programs, "server.log", "base station ready", server, 180)
 
     browser.get(f"http://127.0.0.1:{port}/")
-    wait = WebDriverWait(browser, 120, poll_frequency=0.2)
+    # The page re-renders a table on each update, so an element found a moment ago can be stale: try again.
+    wait = WebDriverWait(browser, 120, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
     wait.until(lambda driver: driver.find_element(By.ID, "connection").text == "live")
     assert browser.find_elements(By.CSS_SELECTOR, "#detections tr.detection") == []
     marker = f"page-{time.monotonic_ns()}"
@@ -114,16 +116,20 @@ def test_browser_page_shows_detection_and_new_head(browser, start_mosquitto, pro
         return (f"{what}; server log: {programs.log('server.log')[-2000:]}\n"
                 f"recorder log: {programs.log('recorder.log')[-2000:]}")
 
+    def first_detection(driver) -> tuple[list[str], str] | None:
+        rows = driver.find_elements(By.CSS_SELECTOR, "#detections tr.detection")
+        if not rows:
+            return None
+        return [cell.text for cell in rows[0].find_elements(By.TAG_NAME, "td")], rows[0].get_attribute("data-label")
+
     try:
-        rows = wait.until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#detections tr.detection"))
+        cells, label = wait.until(first_detection)
     except Exception:
         pytest.fail(failure("no detection row appeared"))
-    cells = rows[0].find_elements(By.TAG_NAME, "td")
-    assert cells[3].text == DEVICE
-    assert cells[4].text == SITE
-    assert float(cells[2].text) >= 0.3
-    label = rows[0].get_attribute("data-label")
-    assert cells[1].text == f"{label.partition('_')[2]} {label.partition('_')[0]}"
+    assert cells[3] == DEVICE
+    assert cells[4] == SITE
+    assert float(cells[2]) >= 0.3
+    assert cells[1] == f"{label.partition('_')[2]} {label.partition('_')[0]}"
 
     head = f"#site-{SITE} .head-version"
     try:
@@ -134,14 +140,18 @@ def test_browser_page_shows_detection_and_new_head(browser, start_mosquitto, pro
     assert seen["site"] == ["v0", "v1"]
 
     recorder_row = f"#recorders tr[data-device='{DEVICE}']"
-    wait.until(lambda driver: driver.find_element(By.CSS_SELECTOR, recorder_row).find_elements(By.TAG_NAME, "td")[4].text == "v1")
-    recorder_cells = browser.find_element(By.CSS_SELECTOR, recorder_row).find_elements(By.TAG_NAME, "td")
+
+    def recorder_on_v1(driver) -> list[str] | None:
+        texts = [cell.text for cell in driver.find_element(By.CSS_SELECTOR, recorder_row).find_elements(By.TAG_NAME, "td")]
+        return texts if texts[4] == "v1" else None
+
+    recorder_cells = wait.until(recorder_on_v1)
     # "–" is a recorder whose data arrived before its first status, so its head is not known yet.
     recorder_versions = browser.execute_script("return window.seenVersions")["recorder"]
     assert [version for version in recorder_versions if version != "–"] == ["v0", "v1"]
-    assert recorder_cells[1].text == SITE
+    assert recorder_cells[1] == SITE
     # A fast replay can end before the head arrives; the recorder stays for heads either way.
-    assert recorder_cells[2].text in ("online", "finished")
+    assert recorder_cells[2] in ("online", "finished")
 
     assert browser.find_elements(By.CSS_SELECTOR, f"#site-{SITE} svg polyline")
     assert "published" in browser.find_element(By.CSS_SELECTOR, f"#site-{SITE} table.rounds").text
