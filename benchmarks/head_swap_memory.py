@@ -51,13 +51,13 @@ from soak_recorders import ReplayBackbone
 _LOGGER = logging.getLogger("head_swap_memory")
 
 SITE = "swap"
+MIB = 2**20
 
 # The variants compared (see the module docstring), and the environment each child gets on top of this one's.
 RELEASE = "release"
 NO_RELEASE = "no-release"
 FIXED_THRESHOLD = "fixed-threshold"
 VARIANT_ENVIRONMENT = {RELEASE: {}, NO_RELEASE: {}, FIXED_THRESHOLD: {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}}
-MIB = 2**20
 
 # Windows each recorder analyses before the heads arrive, enough for a full reference batch.
 _REFERENCE_WINDOWS = 40
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.variant == NO_RELEASE:
         recorder_module.release_free_memory = lambda: False
-    for name, value in VARIANT_ENVIRONMENT.get(args.variant, {}).items():
+    for name, value in VARIANT_ENVIRONMENT[args.variant].items():
         if os.environ.get(name) != value:
             raise SystemExit(f"--variant {args.variant} needs {name}={value} in the environment, which glibc reads "
                              "at start-up: set it, or leave out --variant")

@@ -654,13 +654,12 @@ class Soak:
                                             args.flat_mib, {self.station.role: buffer_growth})
         result["memory_samples"] = self.sampler.samples
         result["recorder_memory_split"] = {}
-        wall_origin = time.time() - (time.monotonic() - self.origin)
         for worker in self.workers:
             path = self.control / f"{worker.role}.memory.jsonl"
             if path.exists():
                 rows = [json.loads(line) for line in path.read_text().splitlines() if line]
                 result["recorder_memory_split"][worker.role] = [
-                    {**row, "time": round(row["time"] - wall_origin, 1)} for row in rows]
+                    {"time": round(row.pop("monotonic_s") - self.origin, 1), **row} for row in rows]
         totals = result["totals"]
         result["targets"] = {
             "lost_zero": totals["lost"] == 0,

@@ -125,16 +125,17 @@ def sqlite_memory_function() -> Callable[[], int] | None:
 def record_memory(path: pathlib.Path, interval_s: float, stop: threading.Event) -> None:
     """Append this process's RSS, SQLite heap and Python's allocated blocks to ``path`` every ``interval_s``.
 
-    With the split, a growing page cache of the outboxes (SQLite) or
-    growing Python objects can be told apart from the rest, which is native
-    memory of LiteRT, numpy and the allocator.
+    The split separates a growing page cache of the outboxes (SQLite) and
+    growing Python objects from the rest, which is native memory of LiteRT,
+    numpy and the allocator.
     """
+    from soak import read_process
+
     sqlite_memory = sqlite_memory_function()
-    page_size = os.sysconf("SC_PAGE_SIZE")
     while not stop.wait(interval_s):
-        with open("/proc/self/statm") as statm:
-            rss_bytes = int(statm.read().split()[1]) * page_size
-        row = {"time": time.time(), "rss_bytes": rss_bytes, "python_blocks": sys.getallocatedblocks(),
+        rss_bytes, _ = read_process(os.getpid())
+        # CLOCK_MONOTONIC is system-wide on Linux, so soak.py can put the rows on its own time axis.
+        row = {"monotonic_s": time.monotonic(), "rss_bytes": rss_bytes, "python_blocks": sys.getallocatedblocks(),
                "sqlite_bytes": None if sqlite_memory is None else int(sqlite_memory())}
         with path.open("a") as log:
             log.write(json.dumps(row) + "\n")

@@ -99,7 +99,7 @@ def test_browser_page_shows_detection_and_new_head(browser, start_mosquitto, pro
     _wait_for_log(programs, "server.log", "base station ready", server, 180)
 
     browser.get(f"http://127.0.0.1:{port}/")
-    # The page re-renders a table on each update, so an element found a moment ago can be stale: try again.
+    # The page re-renders a table on each update, so an element found a moment ago can be stale and the wait retries.
     wait = WebDriverWait(browser, 120, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
     wait.until(lambda driver: driver.find_element(By.ID, "connection").text == "live")
     assert browser.find_elements(By.CSS_SELECTOR, "#detections tr.detection") == []
